@@ -1,0 +1,46 @@
+"""Runs ``tests/distributed`` on 2 real ranks, under ``mpirun`` and ``horovodrun --gloo``.
+
+One ``pytest`` thus covers both suites. Each launch has a timeout, every rank's tests have
+pytest-timeout, and a failure shows the failing rank's own log.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qoda_hvd.launcher import run_local
+
+HERE = Path(__file__).parent
+NP = 2
+LAUNCH_TIMEOUT = 900  # the whole distributed suite on one launcher
+TEST_TIMEOUT = 240    # one test on one rank (pytest-timeout inside the ranks)
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
+@pytest.mark.parametrize("launcher", ["mpirun", "gloo"])
+def test_distributed_suite(launcher, tmp_path):
+    argv = [sys.executable, str(HERE / "distributed" / "run_rank.py"), str(tmp_path),
+            str(HERE / "distributed"), "-x", "-q", "-p", "no:cacheprovider",
+            f"--timeout={TEST_TIMEOUT}", "-rs"]
+    env = dict(os.environ, QODA_EXPECTED_SIZE=str(NP), PYTHONUNBUFFERED="1")
+    try:
+        proc = run_local(NP, argv, launcher, timeout=LAUNCH_TIMEOUT, capture_output=True,
+                         text=True, env=env, cwd=HERE.parent)
+        rc, launcher_out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, launcher_out = "timeout", f"{e.stdout or ''}{e.stderr or ''}"
+    logs = {p.name: p.read_text(errors="replace") for p in sorted(tmp_path.glob("rank*.log"))}
+    for name, text in logs.items():  # shown by pytest -rA or on failure
+        print(f"===== {launcher} {name} (last lines) =====\n" + "\n".join(text.splitlines()[-15:]))
+    if rc != 0:
+        failing = [n for n, t in logs.items() if " failed" in t or "Error" in t or "Timeout" in t]
+        shown = "\n".join(f"===== {n} =====\n{logs[n][-6000:]}" for n in (failing or logs))
+        pytest.fail(f"{launcher} -np {NP}: exit {rc}\n----- launcher output -----\n"
+                    f"{launcher_out[-4000:]}\n{shown}", pytrace=False)
+    assert len(logs) == NP, f"expected {NP} rank logs, got {sorted(logs)}"
+    for name, text in logs.items():
+        assert " passed" in text, f"{name} ran no test:\n{text[-3000:]}"
