@@ -1,0 +1,119 @@
+"""The Communicator seam: the three collectives a compressed exchange needs, counted.
+
+- :meth:`Communicator.allgather`: every rank's uint8 payload (lengths differ) to every rank;
+- :meth:`Communicator.alltoall`: chunk ``j`` of every rank to rank ``j`` (reduce-scatter step);
+- :meth:`Communicator.allreduce_sum`: a small float tensor, summed (level agreement only).
+
+Byte counts are logical: what the algorithm must move per rank, independent of how the backend
+routes it (ring, tree, shared memory). ``bytes_received`` is what bounds the time on a link.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+
+__all__ = ["CommStats", "Communicator", "check_payload"]
+
+
+@dataclass
+class CommStats:
+    """What a communicator has done since it was made (or last :meth:`reset`).
+
+    Attributes:
+        collectives: collective calls (a Horovod grouped op counts once).
+        allgathers, alltoalls, allreduces: per kind.
+        bytes_sent: logical bytes this rank sent.
+        bytes_received: logical bytes this rank received from other ranks.
+    """
+
+    collectives: int = 0
+    allgathers: int = 0
+    alltoalls: int = 0
+    allreduces: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def check_payload(payload: torch.Tensor, what: str = "payload") -> None:
+    """Raise ``TypeError`` unless ``payload`` is a 1-D uint8 CPU tensor."""
+    if not isinstance(payload, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(payload).__name__}")
+    if payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise TypeError(f"{what} must be a 1-D torch.uint8 tensor, got {payload.dtype} with "
+                        f"shape {tuple(payload.shape)}")
+
+
+class Communicator(abc.ABC):
+    """Collectives over ``size`` ranks; this object is rank ``rank``.
+
+    Subclasses implement the ``_``-prefixed methods; the public ones validate and count.
+
+    Example::
+
+        >>> from qoda_hvd.comm import LocalGroup
+        >>> comm = LocalGroup(1)[0]
+        >>> [p.tolist() for p in comm.allgather(torch.tensor([1, 2], dtype=torch.uint8))]
+        [[1, 2]]
+        >>> comm.stats.allgathers
+        1
+    """
+
+    def __init__(self, rank: int, size: int) -> None:
+        self.rank = rank
+        self.size = size
+        self.stats = CommStats()
+
+    def allgather(self, payload: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's 1-D uint8 payload, in rank order (this rank's included)."""
+        check_payload(payload)
+        out = self._allgather(payload)
+        self.stats.collectives += 1
+        self.stats.allgathers += 1
+        self.stats.bytes_sent += payload.numel() * (self.size - 1)
+        self.stats.bytes_received += sum(p.numel() for i, p in enumerate(out) if i != self.rank)
+        return out
+
+    def alltoall(self, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Send ``chunks[j]`` to rank ``j``; return what each rank ``i`` sent here, in rank order."""
+        if len(chunks) != self.size:
+            raise ValueError(f"alltoall needs one chunk per rank ({self.size}), got {len(chunks)}")
+        for j, c in enumerate(chunks):
+            check_payload(c, f"chunks[{j}]")
+        out = self._alltoall(list(chunks))
+        self.stats.collectives += 1
+        self.stats.alltoalls += 1
+        self.stats.bytes_sent += sum(c.numel() for j, c in enumerate(chunks) if j != self.rank)
+        self.stats.bytes_received += sum(c.numel() for i, c in enumerate(out) if i != self.rank)
+        return out
+
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum of a same-shaped float tensor over ranks (a new tensor)."""
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in (torch.float32, torch.float64):
+            raise TypeError("allreduce_sum takes a float32 or float64 torch.Tensor, got "
+                            f"{getattr(tensor, 'dtype', type(tensor).__name__)}")
+        out = self._allreduce_sum(tensor)
+        self.stats.collectives += 1
+        self.stats.allreduces += 1
+        nbytes = tensor.numel() * tensor.element_size()
+        self.stats.bytes_sent += 2 * (self.size - 1) * nbytes // max(self.size, 1)
+        self.stats.bytes_received += 2 * (self.size - 1) * nbytes // max(self.size, 1)
+        return out
+
+    @abc.abstractmethod
+    def _allgather(self, payload: torch.Tensor) -> list[torch.Tensor]: ...
+
+    @abc.abstractmethod
+    def _alltoall(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]: ...
+
+    @abc.abstractmethod
+    def _allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
