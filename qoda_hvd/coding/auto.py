@@ -1,0 +1,100 @@
+"""The ``auto`` codec choice: per segment, the codec with the lowest estimated cost.
+
+Rule (documented contract; tests pin it):
+
+* Candidates are ``fixed``, ``zstd``, ``ans`` and ``elias``.
+* Sizes: ``fixed`` exact, ``ceil(n * ceil(log2(2L - 1)) / 8)``; ``zstd`` exact (it is cheap
+  enough, ~1 ns/symbol, to simply compress; it wins where zero runs or repeats give structure
+  beyond the zeroth-order entropy, e.g. embedding rows of unused tokens); ``ans`` estimated from the
+  counts, side info + entropy rounded up to 32-bit words + one word (the coder lands within
+  a word or two of that); ``elias`` exact, from vectorised Elias-omega lengths (skipped when
+  its lower bound of 3 bits per non-zero already loses).
+* Without ``bandwidth`` the smallest size wins; ties go to the faster codec
+  (fixed, zstd, ans, elias).
+* With ``bandwidth`` (bytes/s of the link) each candidate costs
+  ``size / bandwidth + numel * (encode_ns + decode_ns) * 1e-9`` seconds, with per-symbol
+  speeds from ``speeds`` (default :data:`DEFAULT_NS_PER_SYMBOL`, one CPU thread, measured
+  with ``bench/bench_codec.py``). So on a fast link the fastest codec wins (``zstd`` or
+  ``fixed`` with the default table: ANS costs more time than the bytes it saves), and on a slow
+  one the smallest payload wins. The crossover for ANS over zstd is where the bytes saved per
+  symbol, divided by the bandwidth, exceed ANS's extra ~28 ns/symbol.
+
+Example::
+
+    >>> import numpy as np
+    >>> from qoda_hvd.coding.auto import choose_codec, estimate_sizes
+    >>> rng = np.random.default_rng(0)
+    >>> s = rng.choice(np.array([-1, 0, 1], np.int8), 100_000, p=[0.05, 0.9, 0.05])
+    >>> estimate_sizes(s, num_levels=2)
+    {'fixed': 25000, 'zstd': 14247, 'ans': 7136, 'elias': 10418}
+    >>> choose_codec(s, num_levels=2), choose_codec(s, num_levels=2, bandwidth=10e9)
+    ('ans', 'zstd')
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from qoda_hvd.coding.codecs import CODECS, elias_size, to_values
+from qoda_hvd.coding.model import CountsModel
+
+__all__ = ["DEFAULT_NS_PER_SYMBOL", "AUTO_CANDIDATES", "estimate_sizes", "choose_codec"]
+
+# (encode, decode) nanoseconds per symbol on one CPU thread, rounded from bench/bench_codec.py
+# runs at 1M symbols and 2-8 bits (see bench/README.md). Pass your own via ``speeds``.
+DEFAULT_NS_PER_SYMBOL: dict[str, tuple[float, float]] = {
+    "fixed": (2.0, 2.0),
+    "ans": (10.0, 20.0),
+    "elias": (60.0, 100.0),
+    "zstd": (1.5, 1.0),
+}
+AUTO_CANDIDATES = ("fixed", "zstd", "ans", "elias")  # tie order: fastest first
+
+
+def estimate_sizes(symbols: np.ndarray, num_levels: int) -> dict[str, int]:
+    """Body sizes in bytes of each ``auto`` candidate (exact for fixed/zstd/elias, estimate for ans).
+
+    ``elias`` is omitted when its lower bound (8 + 3 bits per non-zero) cannot beat the others.
+    """
+    n = symbols.size
+    sizes = {"fixed": CODECS["fixed"].size(n, num_levels)}
+    if n == 0:
+        return {name: 0 for name in AUTO_CANDIDATES}
+    model = CountsModel.from_values(to_values(symbols, num_levels), 2 * num_levels - 1)
+    sizes["zstd"] = len(CODECS["zstd"].encode(symbols, num_levels))
+    sizes["ans"] = CODECS["ans"].size_estimate(model)
+    zero_value = num_levels - 1
+    at = np.searchsorted(model.present, zero_value)
+    zeros = int(model.counts[at]) if at < model.present.size and model.present[at] == zero_value else 0
+    if 8 + -(-3 * (n - zeros) // 8) < min(sizes.values()):
+        sizes["elias"] = elias_size(symbols)
+    return sizes
+
+
+def choose_codec(
+    symbols: np.ndarray,
+    num_levels: int,
+    bandwidth: float | None = None,
+    speeds: Mapping[str, tuple[float, float]] | None = None,
+) -> str:
+    """Pick the codec name for one segment by the rule in the module docstring.
+
+    Args:
+        symbols: int8 symbols of the segment.
+        num_levels: L of the segment's type.
+        bandwidth: link bandwidth in bytes/s, or None to minimise size only.
+        speeds: ``{codec: (encode_ns, decode_ns)}`` per symbol; defaults to
+            :data:`DEFAULT_NS_PER_SYMBOL`.
+    """
+    sizes = estimate_sizes(symbols, num_levels)
+    if bandwidth is None:
+        return min(sizes, key=lambda name: (sizes[name], AUTO_CANDIDATES.index(name)))
+    table = DEFAULT_NS_PER_SYMBOL if speeds is None else speeds
+    n = symbols.size
+
+    def cost(name: str) -> tuple[float, int]:
+        enc, dec = table[name]
+        return sizes[name] / bandwidth + n * (enc + dec) * 1e-9, AUTO_CANDIDATES.index(name)
+
+    return min(sizes, key=cost)
