@@ -50,3 +50,23 @@ class HorovodCommunicator(Communicator):
     def _allreduce_sum(self, tensor):
         return hvd.allreduce(tensor, op=hvd.Sum, name=f"{self.prefix}.allreduce",
                              process_set=self.process_set)
+
+
+def reduce_op_name(op) -> str:
+    """``"average"`` or ``"sum"`` for Horovod's ``hvd.Average`` / ``hvd.Sum`` (or those strings).
+
+    Other Horovod ops (Adasum, Min, Max, Product) do not fit an exchange of quantized gradients.
+
+    Example::
+
+        >>> reduce_op_name(hvd.Sum)
+        'sum'
+    """
+    if isinstance(op, str) and op.lower() in ("average", "sum"):
+        return op.lower()
+    names = {hvd.Average: "average", hvd.Sum: "sum"}
+    if op in names:
+        return names[op]
+    others = {getattr(hvd, n, None): n for n in ("Adasum", "Min", "Max", "Product")}
+    shown = f"hvd.{others[op]}" if op in others else repr(op)
+    raise ValueError(f"op must be hvd.Average or hvd.Sum (or 'average' / 'sum'), got {shown}")

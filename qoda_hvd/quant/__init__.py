@@ -31,6 +31,7 @@ from qoda_hvd.quant.layers import (
     UNCOMPRESSED_TYPE_ID,
     LayerTyping,
     auto_layer_typing,
+    classify_named_parameters,
     classify_parameters,
 )
 from qoda_hvd.quant.allocation import Allocation, allocate_levels
@@ -76,6 +77,7 @@ __all__ = [
     "LayerTyping",
     "auto_layer_typing",
     "classify_parameters",
+    "classify_named_parameters",
     "Allocation",
     "allocate_levels",
     "LayerwiseQuantizer",

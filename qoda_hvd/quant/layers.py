@@ -55,6 +55,7 @@ __all__ = [
     "CANONICAL_TYPES",
     "LayerTyping",
     "classify_parameters",
+    "classify_named_parameters",
     "auto_layer_typing",
 ]
 
@@ -209,12 +210,6 @@ def classify_parameters(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(min_numel, bool) or not isinstance(min_numel, int) or not 0 <= min_numel <= 1 << 31:
-        raise ValueError(f"min_numel must be an int in [0, {1 << 31}], got {min_numel!r}")
-    if output_head not in OUTPUT_HEAD_MODES:
-        raise ValueError(f"output_head must be one of {list(OUTPUT_HEAD_MODES)}, got {output_head!r}")
-    compiled = _compile_overrides(overrides)
-
     # Owner module and "inside MultiheadAttention" for each parameter name.
     owner: dict[str, nn.Module] = {}
     in_mha: dict[str, bool] = {}
@@ -224,14 +219,50 @@ def classify_parameters(
             full = f"{mod_name}.{pname}" if mod_name else pname
             owner[full] = mod
             in_mha[full] = any(full.startswith(p + ".") or p == "" for p in mha_prefixes)
+    return _classify(list(model.named_parameters()), owner, in_mha, overrides, min_numel, output_head)
 
-    params = list(model.named_parameters())
+
+def classify_named_parameters(
+    named_parameters: Iterable[tuple[str, torch.Tensor]],
+    *,
+    overrides: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+    min_numel: int = DEFAULT_MIN_NUMEL,
+    output_head: Optional[str] = "auto",
+) -> LayerTyping:
+    """Type ``(name, parameter)`` pairs without their modules: the rules of
+    :func:`classify_parameters` that need no module class (overrides, size, names, shape; the
+    last 2-D ``*weight`` is the output head under ``"auto"``). This is what a Horovod-style
+    ``DistributedOptimizer(named_parameters=model.named_parameters())`` has to go on.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> m = nn.Sequential(nn.Embedding(100, 32), nn.Linear(32, 64), nn.Linear(64, 100))
+        >>> t = classify_named_parameters(m.named_parameters(), min_numel=100,
+        ...                               overrides={"0.*": "embedding"})
+        >>> [t.type_name(n) for n in ("0.weight", "1.weight", "1.bias", "2.weight")]
+        ['embedding', 'feedforward', 'uncompressed', 'output']
+    """
+    named = list(named_parameters)
+    if any(not isinstance(p, tuple) or len(p) != 2 for p in named):
+        raise TypeError("named_parameters must be (name, tensor) pairs, usually produced by "
+                        "model.named_parameters()")
+    return _classify(named, {}, {}, overrides, min_numel, output_head)
+
+
+def _classify(params, owner, in_mha, overrides, min_numel, output_head) -> LayerTyping:
+    if isinstance(min_numel, bool) or not isinstance(min_numel, int) or not 0 <= min_numel <= 1 << 31:
+        raise ValueError(f"min_numel must be an int in [0, {1 << 31}], got {min_numel!r}")
+    if output_head not in OUTPUT_HEAD_MODES:
+        raise ValueError(f"output_head must be one of {list(OUTPUT_HEAD_MODES)}, got {output_head!r}")
+    compiled = _compile_overrides(overrides)
     assigned: dict[str, str] = {}
     uncompressed: set[str] = set()
     numels = {n: p.numel() for n, p in params}
     last_linear = None
     for name, p in params:
-        if isinstance(owner.get(name), nn.Linear) and not in_mha.get(name, False):
+        linear = isinstance(owner.get(name), nn.Linear) if owner else p.dim() == 2
+        if linear and not in_mha.get(name, False):
             last_linear = name if name.endswith("weight") else last_linear
     head_named = any(_name_rule(n) == "output" for n, _ in params)
 

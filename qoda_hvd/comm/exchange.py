@@ -1,0 +1,378 @@
+"""Exchange strategies: fused gradients -> one compressed exchange per step -> the aggregate.
+
+Every strategy reads ``p.grad`` of a fixed list of parameters, leaves the aggregate
+``(1/K) sum_k Q(g_k)`` (or the sum, for ``op=Sum``) in ``p.grad`` on every rank, bit-identical
+across ranks, and counts what it did in :class:`ExchangeStats`.
+
+- :class:`AllreduceExchange` (``Compression.none`` / ``fp16``): one fused allreduce.
+- :class:`LayerwiseExchange` with ``strategy="allgather"``: each rank quantizes its fused
+  gradient per layer type, entropy codes ONE payload, the payloads are allgathered in ONE
+  collective, and every rank decodes all K in rank order and averages them. Exact average of the
+  ``Q(g_k)``; received bytes grow like ``(K-1) * compressed(d)``.
+- :class:`LayerwiseExchange` with ``strategy="scatter_gather"``: each type's fused gradient is
+  cut into K bucket-aligned chunks; chunk j of every rank goes to rank j (ONE alltoall), rank j
+  decodes and reduces them, re-quantizes its reduced chunk, and the K reduced chunks are
+  allgathered (ONE allgather). About ``2 (K-1)/K * compressed(d)`` bytes per rank whatever K;
+  still unbiased (both quantizations are).
+
+Both count as ONE exchange per call. Level agreement adds one small allreduce on scheduled
+steps only (see :class:`qoda_hvd.quant.LayerwiseQuantizer`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from qoda_hvd.coding import RawSegment, Segment, decode, encode
+from qoda_hvd.comm.base import Communicator
+from qoda_hvd.errors import PayloadError
+from qoda_hvd.quant import LayerwiseQuantizer, LayerTyping, Quantizer, QuantizedTensor
+from qoda_hvd.quant.quantizer import rank_generator
+
+__all__ = ["ExchangeStats", "FusedGradients", "AllreduceExchange", "LayerwiseExchange",
+           "STRATEGIES", "choose_strategy"]
+
+#: Strategies of :class:`LayerwiseExchange`.
+STRATEGIES = ("allgather", "scatter_gather")
+
+
+def choose_strategy(strategy: str, size: int) -> str:
+    """Resolve ``"auto"``: allgather up to 2 ranks, scatter_gather beyond.
+
+    At K = 2 both move the same bytes and allgather is exact with one collective; from K = 3 on
+    allgather receives ``K - 1`` compressed gradients per rank against about 2 for scatter_gather.
+
+    Example::
+
+        >>> choose_strategy("auto", 2), choose_strategy("auto", 8)
+        ('allgather', 'scatter_gather')
+    """
+    if strategy == "auto":
+        return "allgather" if size <= 2 else "scatter_gather"
+    if strategy not in STRATEGIES:
+        raise ValueError(f"exchange must be one of auto, {', '.join(STRATEGIES)}, got {strategy!r}")
+    return strategy
+
+
+@dataclass
+class ExchangeStats:
+    """Cumulative counts and times of one exchange object (per rank).
+
+    Attributes:
+        exchanges: calls (one per synchronisation).
+        coordinates: gradient coordinates aggregated, summed over calls.
+        encoded_bytes: bytes of the payloads this rank encoded from its own gradient.
+        quantize_s, encode_s, exchange_s, decode_s: wall time in each phase (CPU clock; on
+            CUDA the quantizer's time includes waiting for the device).
+        level_updates: scheduled level re-optimisations (each one small allreduce).
+    """
+
+    exchanges: int = 0
+    coordinates: int = 0
+    encoded_bytes: int = 0
+    quantize_s: float = 0.0
+    encode_s: float = 0.0
+    exchange_s: float = 0.0
+    decode_s: float = 0.0
+    level_updates: int = 0
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class FusedGradients:
+    """Flat buffers over the gradients of fixed parameter groups (one per layer type, plus raw).
+
+    ``gather`` copies every ``p.grad`` into its group's buffer (a missing grad counts as zeros,
+    as Horovod does); ``scatter`` writes buffers back into ``p.grad``. Each is one
+    ``torch._foreach_copy_`` over views made once, so no per-step allocation.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype = torch.float32):
+        self.groups = [list(g) for g in groups]
+        self.buffers: list[torch.Tensor] = []
+        self._views: list[torch.Tensor] = []
+        self._params: list[torch.Tensor] = []
+        for params in self.groups:
+            device = params[0].device if params else torch.device("cpu")
+            buf = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
+            self.buffers.append(buf)
+            for p, view in zip(params, buf.split([p.numel() for p in params])):
+                self._views.append(view.view(p.shape))
+                self._params.append(p)
+
+    @property
+    def numel(self) -> int:
+        return sum(b.numel() for b in self.buffers)
+
+    def gather(self) -> list[torch.Tensor]:
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self._params:
+            torch._foreach_copy_(self._views, [p.grad for p in self._params])
+        return self.buffers
+
+    def scatter(self) -> None:
+        if self._params:
+            torch._foreach_copy_([p.grad for p in self._params], self._views)
+
+
+class AllreduceExchange:
+    """``Compression.none`` / ``fp16`` through the wrapper: ONE fused allreduce per step."""
+
+    def __init__(self, params: Sequence[torch.Tensor], communicator: Communicator,
+                 average: bool = True, fp16: bool = False) -> None:
+        self.comm = communicator
+        self.average = average
+        self.fused = FusedGradients([params], torch.float16 if fp16 else torch.float32)
+        self.stats = ExchangeStats()
+
+    def __call__(self) -> None:
+        (buf,) = self.fused.gather()
+        t0 = time.perf_counter()
+        wire = buf if buf.dtype in (torch.float32, torch.float64) else buf.float()
+        total = self.comm.allreduce_sum(wire)
+        if self.average:
+            total.div_(self.comm.size)
+        buf.copy_(total)
+        self.fused.scatter()
+        st = self.stats
+        st.exchange_s += time.perf_counter() - t0
+        st.exchanges += 1
+        st.coordinates += buf.numel()
+        st.encoded_bytes += buf.numel() * buf.element_size()
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the rounding noise of one rank at one step (independent streams, by SeedSequence).
+
+    Example::
+
+        >>> step_seed(0, 0, 1) != step_seed(0, 1, 1) != step_seed(0, 0, 2)
+        True
+    """
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def _bounds(total: int, parts: int) -> list[int]:
+    return [(j * total) // parts for j in range(parts + 1)]
+
+
+class LayerwiseExchange:
+    """Layer-wise quantized, entropy-coded exchange of the fused gradient (see module doc).
+
+    Args:
+        typing: parameter name -> layer type (uncompressed names travel as float32).
+        named_parameters: ``(name, parameter)`` pairs, every name typed by ``typing``.
+        quantizer: the per-type level state (its schedule decides level updates).
+        communicator: the collectives.
+        strategy: ``"allgather"`` or ``"scatter_gather"``.
+        coding: codec name for :func:`qoda_hvd.coding.encode` (``"auto"`` picks per segment).
+        average: divide the sum by K (``op=Average``) or not (``op=Sum``).
+        seed: rounding-noise seed, mixed with the rank.
+        bandwidth: link bytes/s for ``coding="auto"``.
+
+    Example::
+
+        >>> from qoda_hvd.comm import LocalGroup
+        >>> from qoda_hvd.quant import classify_parameters
+        >>> model = torch.nn.Linear(64, 64)
+        >>> typing = classify_parameters(model, min_numel=100)
+        >>> ex = LayerwiseExchange(typing, list(model.named_parameters()),
+        ...                        LayerwiseQuantizer(typing, bits=4), LocalGroup(1)[0])
+        >>> model(torch.randn(8, 64)).sum().backward()
+        >>> ex()                     # p.grad now holds Q(g), decoded from the payload
+        >>> ex.stats.exchanges
+        1
+    """
+
+    def __init__(self, typing: LayerTyping, named_parameters: Sequence[tuple[str, torch.Tensor]],
+                 quantizer: LayerwiseQuantizer, communicator: Communicator,
+                 strategy: str = "allgather", coding: str = "auto", average: bool = True,
+                 seed: int = 0, bandwidth: Optional[float] = None) -> None:
+        self.typing = typing
+        self.lq = quantizer
+        self.comm = communicator
+        self.strategy = choose_strategy(strategy, communicator.size)
+        self.coding = coding
+        self.average = average
+        self.bandwidth = bandwidth
+        groups: list[list[torch.Tensor]] = [[] for _ in range(typing.num_types)]
+        raw: list[torch.Tensor] = []
+        for name, p in named_parameters:
+            tid = typing.type_id(name)
+            (raw if tid < 0 else groups[tid]).append(p)
+        self.fused = FusedGradients(groups + [raw])
+        self.num_types = typing.num_types
+        device = next((p.device for _, p in named_parameters), torch.device("cpu"))
+        self.seed = seed
+        self.generator = rank_generator(seed, communicator.rank, device)
+        self.stats = ExchangeStats()
+        self.step = 0
+        self._decoders: dict[bytes, Quantizer] = {}
+        self._update_deferred = False
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _levels_table(self) -> dict[int, torch.Tensor]:
+        return self.lq.level_table()
+
+    def _agree_levels(self, buffers: Sequence[torch.Tensor]) -> None:
+        for tid in range(self.num_types):
+            if buffers[tid].numel():
+                self.lq.observe(tid, buffers[tid])
+        aggregate = self.comm.allreduce_sum(self.lq.histograms())
+        # All ranks see the same aggregate, so they take the same branch: gradients that were
+        # all zero (e.g. the zero-grad step of hvd.broadcast_optimizer_state) say nothing about
+        # the levels, and the update moves to the next step instead of being spent.
+        self._update_deferred = not bool(aggregate.sum() > 0)
+        if not self._update_deferred:
+            self.lq.set_histograms(aggregate)
+            self.stats.level_updates += 1
+
+    def _quantizer_for(self, tid: int, levels) -> Quantizer:
+        mine = self.lq.quantizer(tid)
+        lv = torch.as_tensor(levels, dtype=torch.float32)
+        if lv.numel() == mine.levels.numel() and torch.equal(lv, mine.levels.cpu()):
+            return mine
+        key = bytes([tid % 256]) + lv.numpy().tobytes()
+        q = self._decoders.get(key)
+        if q is None:  # a peer's levels differ from ours (e.g. resumed state): decode with theirs
+            q = self._decoders[key] = Quantizer(lv, bucket_size=mine.bucket_size, norm=mine.norm)
+        return q
+
+    def _encode(self, qts: Sequence[QuantizedTensor], raw: torch.Tensor) -> torch.Tensor:
+        segments = [Segment(tid, tid, qt.numel, qt.bucket_size, qt.symbols, qt.norms, qt.num_levels)
+                    for tid, qt in enumerate(qts)]
+        return encode(segments, self._levels_table(), self.coding,
+                      raw=[RawSegment(self.num_types, raw)], bandwidth=self.bandwidth)
+
+    def _decode_into(self, payload: torch.Tensor, sender: int, outs: Sequence[torch.Tensor],
+                     raw_out: torch.Tensor, accumulate: bool) -> None:
+        """Decode one payload; add (or copy) its values into ``outs`` / ``raw_out``."""
+        expected = [o.numel() for o in outs]
+        decoded = decode(payload, max_numel=sum(expected) + raw_out.numel())
+        got = [s.numel for s in decoded.segments]
+        if got != expected or len(decoded.raw) != 1 or decoded.raw[0].numel != raw_out.numel():
+            raise PayloadError(
+                f"payload from rank {sender} carries segments of {got} and raw "
+                f"{[r.numel for r in decoded.raw]} coordinates; this exchange expects {expected} "
+                f"and {raw_out.numel()}: the ranks disagree on the parameters or chunking")
+        for seg, out in zip(decoded.segments, outs):
+            if not seg.numel:
+                continue
+            q = self._quantizer_for(seg.type_id, decoded.levels[seg.type_id])
+            if seg.bucket_size != q.bucket_size:
+                raise PayloadError(f"payload from rank {sender}: bucket size {seg.bucket_size}, "
+                                   f"expected {q.bucket_size}")
+            qt = QuantizedTensor(torch.from_numpy(seg.symbols).to(out.device),
+                                 torch.from_numpy(seg.norms).to(out.device),
+                                 torch.Size([seg.numel]), torch.float32, seg.bucket_size, seg.num_levels)
+            values = q.dequantize(qt)
+            out.add_(values) if accumulate else out.copy_(values)
+        raw = torch.from_numpy(decoded.raw[0].values).to(raw_out.device)
+        raw_out.add_(raw) if accumulate else raw_out.copy_(raw)
+
+    # -- the step -----------------------------------------------------------------------
+
+    def __call__(self) -> None:
+        """Aggregate every rank's ``p.grad`` into every rank's ``p.grad`` (one exchange)."""
+        buffers = self.fused.gather()
+        typed, raw = buffers[:-1], buffers[-1]
+        # The noise is a function of (seed, rank, step) alone, so a run resumed from a
+        # checkpoint at step t draws what the uninterrupted run drew, on every rank.
+        self.generator.manual_seed(step_seed(self.seed, self.comm.rank, self.step))
+        if self.lq.should_update(self.step) or self._update_deferred:
+            self._agree_levels(typed)
+        st = self.stats
+        t0 = time.perf_counter()
+        qts = [self.lq.quantizer(t).quantize(b, self.generator) for t, b in enumerate(typed)]
+        st.quantize_s += time.perf_counter() - t0
+        if self.strategy == "allgather":
+            self._allgather(qts, typed, raw)
+        else:
+            self._scatter_gather(qts, typed, raw)
+        self.fused.scatter()
+        st.exchanges += 1
+        st.coordinates += self.fused.numel
+        self.step += 1
+
+    def _allgather(self, qts, typed, raw) -> None:
+        st = self.stats
+        t0 = time.perf_counter()
+        payload = self._encode(qts, raw)
+        t1 = time.perf_counter()
+        payloads = self.comm.allgather(payload)
+        t2 = time.perf_counter()
+        for buf in typed:
+            buf.zero_()
+        raw.zero_()
+        for sender, p in enumerate(payloads):  # rank order on every rank: identical sums
+            self._decode_into(p, sender, typed, raw, accumulate=True)
+        if self.average:
+            for buf in (*typed, raw):
+                buf.div_(self.comm.size)
+        st.encode_s += t1 - t0
+        st.exchange_s += t2 - t1
+        st.decode_s += time.perf_counter() - t2
+        st.encoded_bytes += payload.numel()
+
+    def _chunk_bounds(self) -> tuple[list[list[int]], list[list[int]], list[int]]:
+        """Per type, bucket and element bounds of the K chunks; element bounds of raw chunks."""
+        k = self.comm.size
+        bucket_b, elem_b = [], []
+        for tid, buf in enumerate(self.fused.buffers[:-1]):
+            bs = self.lq.quantizer(tid).bucket_size
+            nb = -(-buf.numel() // bs)
+            b = _bounds(nb, k)
+            bucket_b.append(b)
+            elem_b.append([min(x * bs, buf.numel()) for x in b])
+        return bucket_b, elem_b, _bounds(self.fused.buffers[-1].numel(), k)
+
+    def _scatter_gather(self, qts, typed, raw) -> None:
+        st, k, me = self.stats, self.comm.size, self.comm.rank
+        bucket_b, elem_b, raw_b = self._chunk_bounds()
+        t0 = time.perf_counter()
+        chunks = []
+        for j in range(k):
+            part = [QuantizedTensor(qt.symbols[e[j]:e[j + 1]], qt.norms[b[j]:b[j + 1]],
+                                    torch.Size([e[j + 1] - e[j]]), torch.float32, qt.bucket_size,
+                                    qt.num_levels)
+                    for qt, e, b in zip(qts, elem_b, bucket_b)]
+            chunks.append(self._encode(part, raw[raw_b[j]:raw_b[j + 1]]))
+        t1 = time.perf_counter()
+        received = self.comm.alltoall(chunks)
+        t2 = time.perf_counter()
+        # Reduce my chunk in place inside the fused buffers (my slice of them is mine to use).
+        mine = [buf[e[me]:e[me + 1]] for buf, e in zip(typed, elem_b)]
+        raw_mine = raw[raw_b[me]:raw_b[me + 1]]
+        for out in (*mine, raw_mine):
+            out.zero_()
+        for sender, p in enumerate(received):
+            self._decode_into(p, sender, mine, raw_mine, accumulate=True)
+        if self.average:
+            for out in (*mine, raw_mine):
+                out.div_(k)
+        t3 = time.perf_counter()
+        requant = [self.lq.quantizer(t).quantize(m, self.generator) for t, m in enumerate(mine)]
+        t4 = time.perf_counter()
+        reduced = self._encode(requant, raw_mine)
+        t5 = time.perf_counter()
+        gathered = self.comm.allgather(reduced)
+        t6 = time.perf_counter()
+        for sender, p in enumerate(gathered):  # every rank decodes the same K payloads
+            outs = [buf[e[sender]:e[sender + 1]] for buf, e in zip(typed, elem_b)]
+            self._decode_into(p, sender, outs, raw[raw_b[sender]:raw_b[sender + 1]],
+                              accumulate=False)
+        t7 = time.perf_counter()
+        st.quantize_s += t4 - t3
+        st.encode_s += (t1 - t0) + (t5 - t4)
+        st.exchange_s += (t2 - t1) + (t6 - t5)
+        st.decode_s += (t3 - t2) + (t7 - t6)
+        st.encoded_bytes += sum(c.numel() for c in chunks)

@@ -1,0 +1,348 @@
+"""qoda_hvd.DistributedOptimizer over in-process fake ranks (threads + LocalGroup).
+
+The real-Horovod versions of these checks live in tests/distributed/test_distributed_optimizer.py.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import qoda_hvd
+from qoda_hvd.coding import decode
+from qoda_hvd.comm import LocalGroup
+from qoda_hvd.optim import QODA, ExtraGradient, optimistic
+
+torch.set_num_threads(1)
+
+
+_INIT_LOCK = threading.Lock()
+
+
+def make_model(seed=0):
+    """The same initial model on every fake rank (the global RNG is shared by the threads)."""
+    with _INIT_LOCK:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                             nn.Linear(64, 4))
+
+
+def run_ranks(size, fn, timeout=60.0):
+    group = LocalGroup(size, timeout=timeout)
+    out, errors = [None] * size, []
+
+    def work(r):
+        try:
+            torch.set_num_threads(1)
+            out[r] = fn(r, group[r])
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def batch(rank, step):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
+
+
+def train(rank, comm, steps=6, make_opt=lambda m: QODA(m.parameters(), lr=0.05), **kwargs):
+    model = make_model()
+    opt = qoda_hvd.DistributedOptimizer(make_opt(model), model.named_parameters(),
+                                        communicator=comm, **kwargs)
+    for step in range(steps):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+LAYERWISE = dict(bits=4, min_numel=256)
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "scatter_gather"])
+@pytest.mark.parametrize("coding", ["ans", "elias", "fixed", "zstd", "auto"])
+def test_parameters_bit_identical_across_ranks(exchange, coding):
+    comp = qoda_hvd.Compression.layerwise(coding=coding, **LAYERWISE)
+    out = run_ranks(3, lambda r, c: train(r, c, compression=comp, exchange=exchange))
+    ref = [p.detach() for p in out[0][0].parameters()]
+    for model, _ in out[1:]:
+        for a, b in zip(ref, model.parameters()):
+            assert torch.equal(a, b)
+    start = [p.detach() for p in make_model().parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(ref, start)), "training did not move"
+
+
+def test_one_exchange_per_qoda_step_two_per_extragradient_iteration():
+    comp = qoda_hvd.Compression.layerwise(levels="uniform", **LAYERWISE)
+
+    def qoda(r, c):
+        _, opt = train(r, c, steps=5, compression=comp, exchange="allgather")
+        return opt.compression_stats()["exchanges"], c.stats.collectives
+
+    assert run_ranks(2, qoda) == [(5, 5), (5, 5)]
+
+    def extragradient(r, c):
+        model = make_model()
+        opt = qoda_hvd.DistributedOptimizer(ExtraGradient(model.parameters(), lr=0.05),
+                                            model.named_parameters(), compression=comp,
+                                            communicator=c, exchange="allgather")
+        for step in range(4):
+            x, y = batch(r, step)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.extrapolation()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return opt.compression_stats()["exchanges"], c.stats.collectives
+
+    assert run_ranks(2, extragradient) == [(8, 8), (8, 8)]
+
+
+def test_scatter_gather_is_two_collectives_per_exchange():
+    comp = qoda_hvd.Compression.layerwise(levels="uniform", **LAYERWISE)
+    stats = run_ranks(3, lambda r, c: (train(r, c, steps=3, compression=comp,
+                                             exchange="scatter_gather")[1].compression_stats(),
+                                       c.stats.as_dict()))
+    for s, cs in stats:
+        assert s["exchanges"] == 3 and cs["alltoalls"] == 3 and cs["allgathers"] == 3
+
+
+class _Recording:
+    """Wraps a communicator's allgather to keep the payloads it saw."""
+
+    def __init__(self, comm):
+        self.payloads = []
+        inner = comm._allgather
+
+        def allgather(payload):
+            out = inner(payload)
+            self.payloads.append(out)
+            return out
+
+        comm._allgather = allgather
+
+
+def test_aggregate_is_mean_of_decoded_payloads():
+    comp = qoda_hvd.Compression.layerwise(levels="uniform", coding="ans", **LAYERWISE)
+
+    def fn(r, c):
+        rec = _Recording(c)
+        model = make_model()
+        opt = qoda_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                            model.named_parameters(), compression=comp,
+                                            communicator=c, exchange="allgather")
+        x, y = batch(r, 0)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.synchronize()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, rec.payloads[0], opt
+
+    out = run_ranks(2, fn)
+    grads, payloads, opt = out[0]
+    ex = opt._exchange
+    # Independently: decode each payload, dequantize with its own levels, average.
+    decoded = [decode(p) for p in payloads]
+    means = []
+    for tid in range(ex.num_types):
+        vals = []
+        for d in decoded:
+            seg = d.segments[tid]
+            lv = torch.from_numpy(d.levels[seg.type_id])
+            norms = torch.from_numpy(seg.norms).repeat_interleave(seg.bucket_size)[:seg.numel]
+            sym = torch.from_numpy(seg.symbols).long()
+            vals.append(norms * torch.sign(sym.float()) * lv[sym.abs()])
+        means.append(sum(vals) / 2)
+    raw_mean = sum(torch.from_numpy(d.raw[0].values) for d in decoded) / 2
+    for tid, params in enumerate(ex.fused.groups[:-1]):
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        torch.testing.assert_close(flat, means[tid], rtol=1e-6, atol=1e-7)
+    flat_raw = torch.cat([p.grad.reshape(-1) for p in ex.fused.groups[-1]])
+    torch.testing.assert_close(flat_raw, raw_mean, rtol=0, atol=0)
+    assert grads.keys() == out[1][0].keys()
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "scatter_gather"])
+def test_exchange_is_unbiased(exchange):
+    """E[aggregate] = mean of the ranks' gradients.
+
+    Under unbiasedness E||mean_of_draws - target||^2 = sum_i Var_i / reps; the ratio of the two
+    (variances estimated from the draws) concentrates near 1 over 256 coordinates, while a
+    rounding bias of even 1% of the values would push it far above 2.
+    """
+    comp = qoda_hvd.Compression.layerwise(bits=2, levels="uniform", coding="fixed",
+                                          bucket_size=64, min_numel=16)
+    size, reps = 3, 300
+    grads = [torch.randn(8, 32, generator=torch.Generator().manual_seed(r)) for r in range(size)]
+
+    def fn(r, c):
+        w = nn.Parameter(torch.zeros(8, 32))
+        opt = qoda_hvd.DistributedOptimizer(torch.optim.SGD([w], lr=0.0), [("w", w)],
+                                            compression=comp, communicator=c, exchange=exchange)
+        draws = []
+        for _ in range(reps):
+            w.grad = grads[r].clone()
+            opt.synchronize()
+            draws.append(w.grad.clone())
+            opt._synchronized = False
+        return torch.stack(draws).double()
+
+    draws = run_ranks(size, fn)[0]
+    target = (sum(grads) / size).double()
+    sq_bias = (draws.mean(0) - target).pow(2).sum()
+    expected = draws.var(0).sum() / reps
+    assert expected > 0, "no quantization noise at all: the test would not see a bias"
+    ratio = (sq_bias / expected).item()
+    assert ratio < 2.0, f"squared error of the mean is {ratio:.2f}x what unbiasedness allows"
+
+
+def test_matches_uncompressed_average_with_compression_none():
+    def fn(r, c):
+        model = make_model()
+        opt = qoda_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                            model.named_parameters(), communicator=c)
+        x, y = batch(r, 0)
+        nn.functional.cross_entropy(model(x), y).backward()
+        local = [p.grad.clone() for p in model.parameters()]
+        opt.synchronize()
+        return local, [p.grad.clone() for p in model.parameters()]
+
+    out = run_ranks(2, fn)
+    for i, avg in enumerate(out[0][1]):
+        torch.testing.assert_close(avg, (out[0][0][i] + out[1][0][i]) / 2)
+
+
+def test_wraps_optimistic_adam_and_keeps_class():
+    def fn(r, c):
+        model, opt = train(r, c, steps=3,
+                           make_opt=lambda m: optimistic(torch.optim.Adam(m.parameters(), lr=1e-3)),
+                           compression=qoda_hvd.Compression.layerwise(**LAYERWISE))
+        return opt
+
+    for opt in run_ranks(2, fn):
+        assert isinstance(opt, torch.optim.Adam) and isinstance(opt, qoda_hvd.Optimistic)
+
+
+def test_compression_stats():
+    comp = qoda_hvd.Compression.layerwise(coding="ans", **dict(LAYERWISE, bits=3))
+    (stats, comm_stats), _ = run_ranks(2, lambda r, c: (train(r, c, steps=4, compression=comp)[1]
+                                                          .compression_stats(), c.stats.as_dict()))
+    assert stats["exchanges"] == 4
+    assert 1.0 < stats["bits_per_coordinate"] < 8.0
+    assert stats["ratio"] == pytest.approx(32.0 / stats["bits_per_coordinate"])
+    assert stats["bytes_sent"] == comm_stats["bytes_sent"] > 0
+    for k in ("time_quantize_s", "time_encode_s", "time_exchange_s", "time_decode_s"):
+        assert stats[k] >= 0
+    assert set(stats["types"]) == {"feedforward", "output"}
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "scatter_gather"])
+def test_checkpoint_resume_reproduces_the_uninterrupted_run_bit_for_bit(exchange):
+    comp = qoda_hvd.Compression.layerwise(**dict(LAYERWISE, schedule=(0, 2)))
+
+    def steps(model, opt, rank, start, stop):
+        for step in range(start, stop):
+            x, y = batch(rank, step)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    def fn(r, c):
+        model, opt = train(r, c, steps=3, compression=comp, exchange=exchange)
+        saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+        saved_opt = copy.deepcopy(opt.state_dict())
+        steps(model, opt, r, 3, 6)
+        model2 = make_model(seed=1)
+        model2.load_state_dict(saved_model)
+        opt2 = qoda_hvd.DistributedOptimizer(QODA(model2.parameters(), lr=0.05),
+                                             model2.named_parameters(), compression=comp,
+                                             communicator=c, exchange=exchange)
+        opt2.load_state_dict(saved_opt)
+        steps(model2, opt2, r, 3, 6)
+        return model, model2, saved_opt
+
+    for model, model2, saved in run_ranks(2, fn):
+        assert saved["qoda_hvd"]["step"] == 3
+        for a, b in zip(model.parameters(), model2.parameters()):
+            assert torch.equal(a, b)
+
+
+class TestMisuse:
+    def test_zero_grad_between_backward_and_step(self):
+        model = make_model()
+        opt = qoda_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                            model.named_parameters(), communicator=LocalGroup(1)[0])
+        model(torch.randn(2, 16)).sum().backward()
+        with pytest.raises(RuntimeError, match="zero_grad\\(\\) was called after loss.backward"):
+            opt.zero_grad()
+
+    def test_too_many_backward_passes(self):
+        model = make_model()
+        opt = qoda_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                            model.named_parameters(), communicator=LocalGroup(1)[0])
+        model(torch.randn(2, 16)).sum().backward()
+        with pytest.raises(RuntimeError, match="more than backward_passes_per_step times"):
+            model(torch.randn(2, 16)).sum().backward()
+
+    def test_accumulates_with_backward_passes_per_step(self):
+        model = make_model()
+        opt = qoda_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                            model.named_parameters(), backward_passes_per_step=2,
+                                            communicator=LocalGroup(1)[0])
+        for _ in range(2):
+            model(torch.randn(2, 16)).sum().backward()
+        opt.step()
+        assert opt.compression_stats()["exchanges"] == 1
+
+    def test_step_after_synchronize_warns(self):
+        model = make_model()
+        opt = qoda_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                            model.named_parameters(), communicator=LocalGroup(1)[0])
+        model(torch.randn(2, 16)).sum().backward()
+        opt.synchronize()
+        with pytest.warns(UserWarning, match="skip_synchronize"):
+            opt.step()
+        model(torch.randn(2, 16)).sum().backward()
+        opt.synchronize()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with opt.skip_synchronize():
+                opt.step()
+        assert opt.compression_stats()["exchanges"] == 3
+
+    @pytest.mark.parametrize("kwargs, error, match", [
+        ({"named_parameters": [1, 2]}, ValueError, r"named_parameters should be a sequence of tuples"),
+        ({"named_parameters": "dup"}, ValueError, r"must be unique. Found duplicates: a"),
+        ({"named_parameters": "partial"}, ValueError, r"one or more model parameters were not named"),
+        ({"backward_passes_per_step": 0}, ValueError, r"backward_passes_per_step must be an int >= 1, got 0"),
+        ({"exchange": "ring"}, ValueError, r"exchange must be one of auto, allgather, scatter_gather, got 'ring'"),
+        ({"op": "max"}, ValueError, r"op must be hvd.Average or hvd.Sum"),
+        ({"compression": "fp8"}, TypeError, r"compression must be qoda_hvd.Compression.none"),
+        ({"communicator": object()}, TypeError, r"communicator must be a qoda_hvd.comm.Communicator"),
+    ])
+    def test_bad_arguments(self, kwargs, error, match):
+        model = make_model()
+        params = list(model.named_parameters())
+        if kwargs.get("named_parameters") == "dup":
+            kwargs["named_parameters"] = [("a", p) for _, p in params]
+        elif kwargs.get("named_parameters") == "partial":
+            kwargs["named_parameters"] = params[:2]
+        kwargs.setdefault("communicator", LocalGroup(1)[0])
+        with pytest.raises(error, match=match):
+            qoda_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+    def test_not_an_optimizer(self):
+        with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got list"):
+            qoda_hvd.DistributedOptimizer([])
