@@ -1,4 +1,5 @@
-"""The main job: a small built-in problem trained data-parallel on every rank.
+"""The main job: a small built-in problem trained data-parallel on every rank, by default with
+QODA and layer-wise, entropy-coded gradient compression through qoda_hvd.DistributedOptimizer.
 
 Run it through the launcher (``qoda-hvd demo`` or ``make demo``); started by hand it runs one
 rank. Rank ``k`` draws its own shard of a synthetic teacher-student classification task, so the
@@ -49,21 +50,38 @@ def make_batch(teacher: nn.Module, batch: int, generator: torch.Generator,
     return x, y
 
 
-def _horovod_optimizer(hvd, model: nn.Module, args) -> torch.optim.Optimizer:
+def _horovod_sgd(hvd, model: nn.Module, args) -> torch.optim.Optimizer:
+    """The baseline: Horovod's own DistributedOptimizer (allreduce) around momentum SGD."""
+    if args.compression == "layerwise":
+        raise SystemExit("--optimizer horovod-sgd takes --compression none or fp16 (layer-wise "
+                         "compression saves bandwidth only through qoda_hvd.DistributedOptimizer)")
     compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}[args.compression]
-    base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    base = torch.optim.SGD(model.parameters(), lr=args.lr or 0.05, momentum=0.9)
     return hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
                                     compression=compression)
 
 
-def _wire_bytes_fp32_ring(model: nn.Module, size: int, bytes_per_value: int) -> float:
+def _qoda(hvd, model: nn.Module, args) -> torch.optim.Optimizer:
+    """QODA through qoda_hvd.DistributedOptimizer: one (compressed) exchange per step."""
+    import qoda_hvd
+
+    compression = {"none": qoda_hvd.Compression.none, "fp16": qoda_hvd.Compression.fp16}.get(
+        args.compression)
+    if compression is None:
+        compression = qoda_hvd.Compression.layerwise(bits=args.bits, coding=args.coding)
+    return qoda_hvd.DistributedOptimizer(qoda_hvd.QODA(model.parameters(), lr=args.lr or 1.0),
+                                         named_parameters=model.named_parameters(),
+                                         compression=compression, exchange=args.exchange)
+
+
+def _wire_bytes_ring(model: nn.Module, size: int, bytes_per_value: int) -> float:
     # A ring allreduce sends 2 (K-1)/K of the buffer per rank; Horovod does not count bytes itself.
     d = sum(p.numel() for p in model.parameters())
     return 2.0 * (size - 1) / size * d * bytes_per_value
 
 
 #: How each ``--optimizer`` choice builds its distributed optimizer.
-OPTIMIZERS: dict[str, Callable] = {"sgd": _horovod_optimizer}
+OPTIMIZERS: dict[str, Callable] = {"qoda": _qoda, "horovod-sgd": _horovod_sgd}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,11 +89,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qoda_hvd.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     parser.add_argument("--batch", type=int, default=64, help="per-rank batch size (default 64)")
-    parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
-                        help="distributed optimizer (default sgd: Horovod's allreduce)")
-    parser.add_argument("--compression", choices=["none", "fp16"], default="none",
-                        help="gradient compression (default none)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate (default 1.0 for qoda, 0.05 for horovod-sgd)")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="qoda",
+                        help="qoda: QODA through qoda_hvd.DistributedOptimizer (default); "
+                             "horovod-sgd: momentum SGD through Horovod's allreduce (baseline)")
+    parser.add_argument("--compression", choices=["layerwise", "none", "fp16"], default="layerwise",
+                        help="gradient compression (default layerwise: quantized + entropy coded)")
+    parser.add_argument("--bits", type=int, default=4, help="layer-wise bits per symbol, 2-8 (default 4)")
+    parser.add_argument("--coding", default="auto", choices=["auto", "ans", "elias", "fixed", "zstd"],
+                        help="entropy coder of the symbols (default auto: cheapest per layer type)")
+    parser.add_argument("--exchange", default="auto", choices=["auto", "allgather", "scatter_gather"],
+                        help="how compressed payloads are exchanged (default auto: by rank count)")
     parser.add_argument("--seed", type=int, default=0, help="seed of teacher and init (default 0)")
     args = parser.parse_args(argv)
     if args.steps < 1:
@@ -107,11 +132,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     seconds = time.perf_counter() - start
     final = hvd.allreduce(loss.detach(), name="demo.final_loss").item()
+    if hasattr(optimizer, "compression_stats"):
+        stats = optimizer.compression_stats()
+        sent, how = stats["bytes_sent"], "measured"
+        if args.compression == "layerwise":
+            how += f", {stats['bits_per_coordinate']:.2f} bits/coordinate, " \
+                   f"{stats['ratio']:.1f}x smaller than fp32"
+    else:
+        sent = _wire_bytes_ring(model, size, 2 if args.compression == "fp16" else 4) * args.steps
+        how = f"{args.compression} ring allreduce, computed"
     if rank == 0:
-        per_step = _wire_bytes_fp32_ring(model, size, 2 if args.compression == "fp16" else 4)
-        print(f"demo: {size} ranks, {args.steps} steps, final loss {final:.4f}, "
-              f"{seconds:.1f} s, {per_step * args.steps / 1e6:.2f} MB sent per rank "
-              f"({args.compression} ring allreduce, computed)", flush=True)
+        print(f"demo: {args.optimizer}, {size} ranks, {args.steps} steps, final loss {final:.4f}, "
+              f"{seconds:.1f} s, {sent / 1e6:.2f} MB sent per rank ({how})", flush=True)
     hvd.shutdown()
     return 0
 
