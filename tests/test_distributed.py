@@ -1,4 +1,4 @@
-"""Runs ``tests/distributed`` on 2 real ranks, under ``mpirun`` and ``horovodrun --gloo``.
+"""Runs ``tests/distributed`` on real ranks: 2 under ``mpirun`` and ``horovodrun --gloo``, 3 under ``mpirun``.
 
 One ``pytest`` thus covers both suites. Each launch has a timeout, every rank's tests have
 pytest-timeout, and a failure shows the failing rank's own log.
@@ -15,20 +15,28 @@ import pytest
 from qoda_hvd.launcher import run_local
 
 HERE = Path(__file__).parent
-NP = 2
 LAUNCH_TIMEOUT = 900  # the whole distributed suite on one launcher
 TEST_TIMEOUT = 240    # one test on one rank (pytest-timeout inside the ranks)
 
 
+#: (launcher, ranks, pytest selection): the whole suite on 2 ranks under each launcher, and the
+#: exchange's core checks on 3 ranks (where allgather and scatter_gather really differ).
+RUNS = [
+    ("mpirun", 2, []),
+    ("gloo", 2, []),
+    ("mpirun", 3, ["-k", "test_distributed_optimizer and (bit_identical or one_exchange)"]),
+]
+
+
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
-@pytest.mark.parametrize("launcher", ["mpirun", "gloo"])
-def test_distributed_suite(launcher, tmp_path):
+@pytest.mark.parametrize("launcher, ranks, select", RUNS, ids=[f"{l}-np{n}" for l, n, _ in RUNS])
+def test_distributed_suite(launcher, ranks, select, tmp_path):
     argv = [sys.executable, str(HERE / "distributed" / "run_rank.py"), str(tmp_path),
             str(HERE / "distributed"), "-x", "-q", "-p", "no:cacheprovider",
-            f"--timeout={TEST_TIMEOUT}", "-rs"]
-    env = dict(os.environ, QODA_EXPECTED_SIZE=str(NP), PYTHONUNBUFFERED="1")
+            f"--timeout={TEST_TIMEOUT}", "-rs", *select]
+    env = dict(os.environ, QODA_EXPECTED_SIZE=str(ranks), PYTHONUNBUFFERED="1")
     try:
-        proc = run_local(NP, argv, launcher, timeout=LAUNCH_TIMEOUT, capture_output=True,
+        proc = run_local(ranks, argv, launcher, timeout=LAUNCH_TIMEOUT, capture_output=True,
                          text=True, env=env, cwd=HERE.parent)
         rc, launcher_out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
@@ -39,8 +47,8 @@ def test_distributed_suite(launcher, tmp_path):
     if rc != 0:
         failing = [n for n, t in logs.items() if " failed" in t or "Error" in t or "Timeout" in t]
         shown = "\n".join(f"===== {n} =====\n{logs[n][-6000:]}" for n in (failing or logs))
-        pytest.fail(f"{launcher} -np {NP}: exit {rc}\n----- launcher output -----\n"
+        pytest.fail(f"{launcher} -np {ranks}: exit {rc}\n----- launcher output -----\n"
                     f"{launcher_out[-4000:]}\n{shown}", pytrace=False)
-    assert len(logs) == NP, f"expected {NP} rank logs, got {sorted(logs)}"
+    assert len(logs) == ranks, f"expected {ranks} rank logs, got {sorted(logs)}"
     for name, text in logs.items():
         assert " passed" in text, f"{name} ran no test:\n{text[-3000:]}"
