@@ -149,7 +149,9 @@ def layerwise(bits: Optional[int] = None, levels: str = "optimal", coding: Optio
         levels: ``"optimal"`` (adapted, MQV), ``"uniform"`` or ``"exponential"``.
         coding: ``"auto"``, ``"ans"``, ``"elias"``, ``"fixed"`` or ``"zstd"`` (default
             ``"auto"``, or ``QODA_CODING``).
-        types: ``None``, an ``nn.Module`` or ``{pattern: type}`` overrides.
+        types: ``None`` (rules on names and shapes), an ``nn.Module`` (module classes too),
+            ``{pattern: type}`` overrides, or ``"auto"`` (grouped by gradient statistics at the
+            first step; the number of types is chosen too).
         bucket_size: coordinates per norm (default 1024, or ``QODA_BUCKET_SIZE``).
         min_numel: smaller or 1-D tensors travel uncompressed.
         norm: ``"l2"`` or ``"linf"``.

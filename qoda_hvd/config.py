@@ -67,7 +67,8 @@ class LayerwiseConfig:
         coding: codec of the symbols: ``"auto"`` (cheapest per segment), ``"ans"``,
             ``"elias"``, ``"fixed"`` or ``"zstd"`` (``QODA_CODING``).
         types: layer typing: ``None`` (rules on names and shapes), an ``nn.Module`` (rules on
-            module classes too), or ordered ``{pattern: type}`` overrides on top of the rules.
+            module classes too), ordered ``{pattern: type}`` overrides on top of the rules, or
+            ``"auto"`` (types and their number found from the first step's gradient statistics).
         bucket_size: coordinates per norm, in [16, 2^24] (``QODA_BUCKET_SIZE``).
         min_numel: tensors with fewer elements, or 1-D, travel uncompressed (float32).
         norm: bucket normalisation, ``"l2"`` or ``"linf"``.
@@ -107,9 +108,12 @@ class LayerwiseConfig:
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sched):
             raise ValueError(f"schedule must be non-negative step numbers, got {list(sched)}")
         object.__setattr__(self, "schedule", tuple(sorted(set(sched))))
-        if self.types is not None and not isinstance(self.types, (dict, list, tuple)):
+        if isinstance(self.types, str) and self.types != "auto":
+            raise ValueError(f"types must be None, 'auto', an nn.Module or {{pattern: type}} "
+                             f"overrides, got {self.types!r}")
+        if self.types is not None and not isinstance(self.types, (str, dict, list, tuple)):
             import torch.nn as nn
 
             if not isinstance(self.types, nn.Module):
-                raise TypeError("types must be None, an nn.Module or {pattern: type} overrides, "
-                                f"got {type(self.types).__name__}")
+                raise TypeError("types must be None, 'auto', an nn.Module or {pattern: type} "
+                                f"overrides, got {type(self.types).__name__}")

@@ -376,3 +376,79 @@ class LayerwiseExchange:
         st.exchange_s += (t2 - t1) + (t6 - t5)
         st.decode_s += (t3 - t2) + (t7 - t6)
         st.encoded_bytes += sum(c.numel() for c in chunks)
+
+
+class AutoTypedExchange:
+    """A :class:`LayerwiseExchange` whose layer types come from the first step's gradients.
+
+    The paper sets the number of layer types M by hand; here, on the first call, every rank
+    histograms each parameter's normalised coordinates, the histograms are summed in ONE
+    allreduce (that step only), and :func:`qoda_hvd.quant.auto_layer_typing` groups the
+    parameters, choosing M itself. Every rank gets the same aggregate, hence the same typing;
+    then ``build(typing)`` makes the real exchange, which this object delegates to. The typing is
+    part of :meth:`typing_state` so a resumed run keeps it.
+
+    Args:
+        named_parameters: ``(name, parameter)`` pairs.
+        communicator: the collectives.
+        build: makes the layer-wise exchange for a typing.
+        num_levels: levels the types will be quantized with (the grouping's cost model).
+        min_numel, bucket_size, norm: as in :class:`qoda_hvd.config.LayerwiseConfig`.
+        bins: histogram bins per parameter (a multiple of 256).
+    """
+
+    def __init__(self, named_parameters, communicator: Communicator, build, num_levels: int,
+                 min_numel: int, bucket_size: int, norm: str, bins: int = 256) -> None:
+        self._named = list(named_parameters)
+        self.comm = communicator
+        self._build = build
+        self._num_levels = num_levels
+        self._min_numel = min_numel
+        self._bucket_size = bucket_size
+        self._norm = norm
+        self._bins = bins
+        self.inner: Optional[LayerwiseExchange] = None
+        self._idle_stats = ExchangeStats()
+
+    def __getattr__(self, name):
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(f"{name!r}: the layer types are found at the first exchange")
+        return getattr(inner, name)
+
+    @property
+    def stats(self) -> ExchangeStats:
+        return self.inner.stats if self.inner is not None else self._idle_stats
+
+    def _find_typing(self) -> LayerTyping:
+        from qoda_hvd.quant import auto_layer_typing, normalized_histogram
+
+        small = {n for n, p in self._named if p.dim() <= 1 or p.numel() < self._min_numel}
+        typed = [(n, p) for n, p in self._named if n not in small]
+        hists = [normalized_histogram(p.grad if p.grad is not None else torch.zeros_like(p),
+                                      bins=self._bins, bucket_size=self._bucket_size,
+                                      norm=self._norm).cpu()
+                 for _, p in typed]
+        flat = torch.cat(hists) if hists else torch.zeros(0, dtype=torch.float64)
+        total = self.comm.allreduce_sum(flat).reshape(len(typed), self._bins)
+        return auto_layer_typing({n: total[i] for i, (n, _) in enumerate(typed)}, self._num_levels,
+                                 uncompressed=small, numels={n: p.numel() for n, p in self._named})
+
+    def __call__(self) -> None:
+        if self.inner is None:
+            self.inner = self._build(self._find_typing())
+        self.inner()
+
+    def typing_state(self) -> Optional[dict]:
+        """The found typing as plain data (None before the first exchange)."""
+        if self.inner is None:
+            return None
+        t = self.inner.typing
+        return {"type_ids": dict(t.type_ids), "type_names": list(t.type_names),
+                "uncompressed": sorted(t.uncompressed), "numels": dict(t.numels)}
+
+    def load_typing_state(self, state: Optional[dict]) -> None:
+        """Rebuild the exchange with a saved typing (from :meth:`typing_state`)."""
+        if state is not None:
+            self.inner = self._build(LayerTyping(state["type_ids"], tuple(state["type_names"]),
+                                                 frozenset(state["uncompressed"]), state["numels"]))

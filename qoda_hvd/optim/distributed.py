@@ -25,7 +25,8 @@ from typing import Any, Iterable, Optional
 import torch
 
 from qoda_hvd.comm.base import Communicator
-from qoda_hvd.comm.exchange import AllreduceExchange, LayerwiseExchange, choose_strategy
+from qoda_hvd.comm.exchange import (AllreduceExchange, AutoTypedExchange, LayerwiseExchange,
+                                    choose_strategy)
 from qoda_hvd.compression import Compression, FP16Compressor, LayerwiseCompressor, NoneCompressor
 from qoda_hvd.config import EXCHANGES, QODA_EXCHANGE, env_default
 
@@ -117,18 +118,26 @@ class _DistributedOptimizer:
         if not isinstance(compression, LayerwiseCompressor):
             raise TypeError("compression must be qoda_hvd.Compression.none, .fp16 or .layerwise(...), "
                             f"got {compression!r}")
-        from qoda_hvd.quant import LayerwiseQuantizer
+        from qoda_hvd.quant import LayerwiseQuantizer, num_levels_for_bits
 
         cfg = compression.config
-        typing = _layer_typing(compression, named)
-        quantizer = LayerwiseQuantizer(typing, bits=cfg.bits, family=cfg.levels,
-                                       bucket_size=cfg.bucket_size, norm=cfg.norm,
-                                       schedule=cfg.schedule, every=cfg.every, allocate=cfg.allocate)
         strategy = env_default(None if exchange == "auto" else exchange, QODA_EXCHANGE, str) or "auto"
         if strategy not in EXCHANGES:
             raise ValueError(f"exchange must be one of {', '.join(EXCHANGES)}, got {strategy!r}")
-        return LayerwiseExchange(typing, named, quantizer, comm, choose_strategy(strategy, comm.size),
-                                 cfg.coding, average, cfg.seed, cfg.bandwidth)
+
+        def build(typing):
+            quantizer = LayerwiseQuantizer(typing, bits=cfg.bits, family=cfg.levels,
+                                           bucket_size=cfg.bucket_size, norm=cfg.norm,
+                                           schedule=cfg.schedule, every=cfg.every,
+                                           allocate=cfg.allocate)
+            return LayerwiseExchange(typing, named, quantizer, comm,
+                                     choose_strategy(strategy, comm.size), cfg.coding, average,
+                                     cfg.seed, cfg.bandwidth)
+
+        if cfg.types == "auto":
+            return AutoTypedExchange(named, comm, build, num_levels_for_bits(cfg.bits),
+                                     cfg.min_numel, cfg.bucket_size, cfg.norm)
+        return build(_layer_typing(compression, named))
 
     # -- hooks and call order (Horovod's rules and sentences) ---------------------------
 
@@ -230,25 +239,35 @@ class _DistributedOptimizer:
             "level_updates": st.level_updates,
             "strategy": getattr(ex, "strategy", "allreduce"),
         }
-        if isinstance(ex, LayerwiseExchange):
-            out["types"] = {name: int(ex.lq.levels(t).numel())
-                            for t, name in enumerate(ex.typing.type_names)}
+        layerwise = ex.inner if isinstance(ex, AutoTypedExchange) else ex
+        if isinstance(layerwise, LayerwiseExchange):
+            out["types"] = {name: int(layerwise.lq.levels(t).numel())
+                            for t, name in enumerate(layerwise.typing.type_names)}
         return out
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        if isinstance(self._exchange, LayerwiseExchange):
-            state[_STATE_KEY] = {"step": self._exchange.step,
-                                 "levels": self._exchange.lq.state_dict()}
+        ex = self._exchange
+        auto = isinstance(ex, AutoTypedExchange)
+        layerwise = ex.inner if auto else ex
+        if isinstance(layerwise, LayerwiseExchange):
+            state[_STATE_KEY] = {"step": layerwise.step, "levels": layerwise.lq.state_dict(),
+                                 "typing": ex.typing_state() if auto else None}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop(_STATE_KEY, None)
         super().load_state_dict(state_dict)
-        if extra is not None and isinstance(self._exchange, LayerwiseExchange):
-            self._exchange.step = int(extra["step"])
-            self._exchange.lq.load_state_dict(extra["levels"])
+        if extra is None:
+            return
+        ex = self._exchange
+        if isinstance(ex, AutoTypedExchange):
+            ex.load_typing_state(extra.get("typing"))
+            ex = ex.inner
+        if isinstance(ex, LayerwiseExchange):
+            ex.step = int(extra["step"])
+            ex.lq.load_state_dict(extra["levels"])
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,

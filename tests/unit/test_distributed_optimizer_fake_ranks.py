@@ -346,3 +346,46 @@ class TestMisuse:
     def test_not_an_optimizer(self):
         with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got list"):
             qoda_hvd.DistributedOptimizer([])
+
+
+class TestAutomaticTypes:
+    """``types="auto"``: the layer types are found from the first step's gradients."""
+
+    comp = qoda_hvd.Compression.layerwise(types="auto", **LAYERWISE)
+
+    def test_ranks_agree_on_the_typing_and_stay_identical(self):
+        out = run_ranks(3, lambda r, c: train(r, c, compression=self.comp))
+        typings = [opt._exchange.inner.typing for _, opt in out]
+        assert all(t == typings[0] for t in typings)
+        assert 1 <= typings[0].num_types <= 3  # three compressible weights
+        assert set(typings[0].type_ids) == {"0.weight", "2.weight", "4.weight"}
+        assert typings[0].uncompressed == {"0.bias", "2.bias", "4.bias"}
+        for a, b in zip(out[0][0].parameters(), out[2][0].parameters()):
+            assert torch.equal(a, b)
+        assert set(out[0][1].compression_stats()["types"]) == set(typings[0].type_names)
+
+    def test_one_extra_collective_on_the_first_step_only(self):
+        def fn(r, c):
+            _, opt = train(r, c, steps=4, compression=qoda_hvd.Compression.layerwise(
+                types="auto", levels="uniform", **LAYERWISE), exchange="allgather")
+            return c.stats.allreduces, c.stats.allgathers
+
+        assert run_ranks(2, fn) == [(1, 4), (1, 4)]
+
+    def test_resume_keeps_the_typing(self):
+        def fn(r, c):
+            model, opt = train(r, c, steps=2, compression=self.comp)
+            saved = copy.deepcopy(opt.state_dict())
+            model2 = make_model()
+            opt2 = qoda_hvd.DistributedOptimizer(QODA(model2.parameters(), lr=0.05),
+                                                 model2.named_parameters(), compression=self.comp,
+                                                 communicator=c)
+            opt2.load_state_dict(saved)
+            return opt._exchange.inner.typing, opt2._exchange.inner.typing, opt2._exchange.step
+
+        for t1, t2, step in run_ranks(2, fn):
+            assert t1 == t2 and step == 2
+
+    def test_bad_types_string(self):
+        with pytest.raises(ValueError, match=r"types must be None, 'auto', .* got 'manual'"):
+            qoda_hvd.Compression.layerwise(types="manual")
