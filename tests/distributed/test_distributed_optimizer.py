@@ -156,3 +156,13 @@ def test_broadcast_optimizer_state_and_resume(multi, tmp_path_factory):
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
     assert_identical_across_ranks(hvd, model2)
+
+
+def test_automatic_layer_types_agree_across_ranks(multi):
+    comp = qoda_hvd.Compression.layerwise(types="auto", **LAYERWISE)
+    model, opt, _ = train(multi, lambda m: QODA(m.parameters(), lr=0.05), 4, compression=comp)
+    typing = opt._exchange.inner.typing
+    names = [f"{n}={t}" for n, t in sorted(typing.type_ids.items())]
+    everyone = multi.allgather_object(names)
+    assert all(e == names for e in everyone)
+    assert_identical_across_ranks(multi, model)
