@@ -309,5 +309,10 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         raise ValueError(f"exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
     base = type(optimizer)
     cls = type(base.__name__, (_DistributedOptimizer, base), {"__module__": __name__})
-    return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step,
-               op, exchange, communicator, process_set)
+    wrapped = cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step,
+                  op, exchange, communicator, process_set)
+    # Rebuilding from param_groups keeps every per-group hyperparameter; QODA's and
+    # ExtraGradient's step-size rule is an attribute of the optimizer, so it is carried over too.
+    if hasattr(optimizer, "step_size_policy"):
+        wrapped.step_size_policy = optimizer.step_size_policy
+    return wrapped

@@ -7,27 +7,7 @@ import pytest
 import torch
 
 from qoda_hvd.comm import LocalGroup
-
-
-def run_ranks(size, fn, timeout=30.0):
-    """Run ``fn(comm)`` on ``size`` fake ranks, one thread each; return the results by rank."""
-    group = LocalGroup(size, timeout=timeout)
-    out, errors = [None] * size, []
-
-    def work(r):
-        try:
-            out[r] = fn(group[r])
-        except BaseException as e:  # collected and re-raised in the main thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out, group
+from fake_ranks import run_ranks
 
 
 def payload(rank, n):
@@ -36,10 +16,10 @@ def payload(rank, n):
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
 def test_allgather_varying_lengths_and_counts(size):
-    out, group = run_ranks(size, lambda c: c.allgather(payload(c.rank, c.rank + 2)))
+    out = run_ranks(size, lambda r, c: (c.allgather(payload(r, r + 2)), c.stats))
     for r in range(size):
-        assert [p.tolist() for p in out[r]] == [[i] * (i + 2) for i in range(size)]
-        st = group[r].stats
+        parts, st = out[r]
+        assert [p.tolist() for p in parts] == [[i] * (i + 2) for i in range(size)]
         assert (st.collectives, st.allgathers) == (1, 1)
         assert st.bytes_received == sum(i + 2 for i in range(size) if i != r)
         assert st.bytes_sent == (r + 2) * (size - 1)
@@ -47,18 +27,17 @@ def test_allgather_varying_lengths_and_counts(size):
 
 @pytest.mark.parametrize("size", [2, 3])
 def test_alltoall(size):
-    def fn(c):
-        return c.alltoall([torch.full((c.rank + j + 1,), 10 * c.rank + j, dtype=torch.uint8)
-                           for j in range(size)])
+    def fn(r, c):
+        return c.alltoall([torch.full((r + j + 1,), 10 * r + j, dtype=torch.uint8)
+                           for j in range(size)]), c.stats.alltoalls
 
-    out, group = run_ranks(size, fn)
-    for r in range(size):
-        assert [p.tolist() for p in out[r]] == [[10 * i + r] * (i + r + 1) for i in range(size)]
-        assert group[r].stats.alltoalls == 1
+    for r, (parts, alltoalls) in enumerate(run_ranks(size, fn)):
+        assert [p.tolist() for p in parts] == [[10 * i + r] * (i + r + 1) for i in range(size)]
+        assert alltoalls == 1
 
 
 def test_allreduce_sum():
-    out, _ = run_ranks(3, lambda c: c.allreduce_sum(torch.tensor([1.0, c.rank], dtype=torch.float64)))
+    out = run_ranks(3, lambda r, c: c.allreduce_sum(torch.tensor([1.0, r], dtype=torch.float64)))
     assert all(o.tolist() == [3.0, 3.0] for o in out)
 
 
@@ -74,8 +53,8 @@ def test_bad_input(call, error, match):
 
 
 def test_dead_rank_breaks_barrier_instead_of_hanging():
-    def fn(c):
-        if c.rank == 1:
+    def fn(r, c):
+        if r == 1:
             raise RuntimeError("rank 1 died")
         return c.allgather(payload(0, 1))
 

@@ -15,6 +15,7 @@ from torch import nn
 import qoda_hvd
 from qoda_hvd.coding import decode
 from qoda_hvd.comm import LocalGroup
+from fake_ranks import run_ranks
 from qoda_hvd.optim import QODA, ExtraGradient, optimistic
 
 torch.set_num_threads(1)
@@ -29,27 +30,6 @@ def make_model(seed=0):
         torch.manual_seed(seed)
         return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                              nn.Linear(64, 4))
-
-
-def run_ranks(size, fn, timeout=60.0):
-    group = LocalGroup(size, timeout=timeout)
-    out, errors = [None] * size, []
-
-    def work(r):
-        try:
-            torch.set_num_threads(1)
-            out[r] = fn(r, group[r])
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
 
 
 def batch(rank, step):
@@ -222,6 +202,12 @@ def test_matches_uncompressed_average_with_compression_none():
     out = run_ranks(2, fn)
     for i, avg in enumerate(out[0][1]):
         torch.testing.assert_close(avg, (out[0][0][i] + out[1][0][i]) / 2)
+
+
+def test_keeps_the_step_size_rule_of_qoda():
+    opt = qoda_hvd.DistributedOptimizer(QODA(make_model().parameters(), step_size="constant"),
+                                        communicator=LocalGroup(1)[0])
+    assert type(opt.step_size_policy).__name__ == "ConstantStepSize"
 
 
 def test_wraps_optimistic_adam_and_keeps_class():
