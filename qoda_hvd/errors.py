@@ -18,4 +18,5 @@ class PayloadError(ValueError):
         ...     decode(b"not a payload")
         ... except PayloadError as e:
         ...     print("rejected:", e)
+        rejected: payload is 13 bytes, shorter than the 28-byte minimum
     """
