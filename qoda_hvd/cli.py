@@ -4,6 +4,9 @@ Subcommands:
     info   versions and capabilities of the stack: Python, torch, Horovod, MPI, mpi4py,
            Horovod's controllers and tensor operations, CUDA / NCCL.
     demo   launch the main job (``qoda_hvd.demo``) on local ranks and print its summary.
+    launch ``mpirun`` / ``horovodrun`` on a multi-node GPU cluster (``qoda_hvd.cluster.launch``).
+    emulate run a job on an emulated cluster of bandwidth-shaped network namespaces
+           (``qoda_hvd.cluster.emulator``; needs root).
 """
 from __future__ import annotations
 
@@ -111,6 +114,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--launcher", choices=LAUNCHERS, default="mpirun",
                       help="mpirun, horovodrun (MPI) or gloo (horovodrun --gloo); default mpirun, whose output is untagged")
     demo.add_argument("--timeout", type=float, default=1800, help="seconds before giving up")
+    # launch and emulate own their whole command line (options, then `--` and a command).
+    sub.add_parser("launch", add_help=False,
+                   help="mpirun/horovodrun for a multi-node GPU cluster "
+                        "(qoda-hvd launch [--launcher horovodrun] --help)")
+    sub.add_parser("emulate", add_help=False,
+                   help="run a job on emulated nodes behind shaped links (root; "
+                        "qoda-hvd emulate --help)")
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["launch"]:
+        from qoda_hvd.cluster.launch import launch_cli
+
+        return launch_cli(words[1:], prog="qoda-hvd launch")
+    if words[:1] == ["emulate"]:
+        from qoda_hvd.cluster.emulator import main as emulate_main
+
+        return emulate_main(words[1:], prog="qoda-hvd emulate")
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:
