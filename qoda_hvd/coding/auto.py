@@ -7,8 +7,11 @@ Rule (documented contract; tests pin it):
   enough, ~1 ns/symbol, to simply compress; it wins where zero runs or repeats give structure
   beyond the zeroth-order entropy, e.g. embedding rows of unused tokens); ``ans`` estimated from the
   counts, side info + entropy rounded up to 32-bit words + one word (the coder lands within
-  a word or two of that); ``elias`` exact, from vectorised Elias-omega lengths (skipped when
-  its lower bound of 3 bits per non-zero already loses).
+  a word or two of that); ``elias`` exact, from vectorised Elias-omega lengths, only for
+  segments of at most :data:`ELIAS_MAX_AUTO` symbols and when its lower bound of 3 bits per
+  non-zero does not already lose. On longer segments ``ans`` sits within a fraction of a percent
+  of the zeroth-order entropy, which Elias-omega codes cannot beat, while computing Elias's
+  exact size cost most of ``auto``'s time (77 ms of 101 ms per step on a 5M-parameter model).
 * Without ``bandwidth`` the smallest size wins; ties go to the faster codec
   (fixed, zstd, ans, elias).
 * With ``bandwidth`` (bytes/s of the link) each candidate costs
@@ -24,9 +27,9 @@ Example::
     >>> import numpy as np
     >>> from qoda_hvd.coding.auto import choose_codec, estimate_sizes
     >>> rng = np.random.default_rng(0)
-    >>> s = rng.choice(np.array([-1, 0, 1], np.int8), 100_000, p=[0.05, 0.9, 0.05])
+    >>> s = rng.choice(np.array([-1, 0, 1], np.int8), 60_000, p=[0.05, 0.9, 0.05])
     >>> estimate_sizes(s, num_levels=2)
-    {'fixed': 25000, 'zstd': 14247, 'ans': 7136, 'elias': 10418}
+    {'fixed': 15000, 'zstd': 8522, 'ans': 4286, 'elias': 6234}
     >>> choose_codec(s, num_levels=2), choose_codec(s, num_levels=2, bandwidth=10e9)
     ('ans', 'zstd')
 """
@@ -39,7 +42,8 @@ import numpy as np
 from qoda_hvd.coding.codecs import CODECS, elias_size, to_values
 from qoda_hvd.coding.model import CountsModel
 
-__all__ = ["DEFAULT_NS_PER_SYMBOL", "AUTO_CANDIDATES", "estimate_sizes", "choose_codec"]
+__all__ = ["DEFAULT_NS_PER_SYMBOL", "AUTO_CANDIDATES", "ELIAS_MAX_AUTO", "estimate_sizes",
+           "choose_codec"]
 
 # (encode, decode) nanoseconds per symbol on one CPU thread, rounded from bench/bench_codec.py
 # runs at 1M symbols and 2-8 bits (see bench/README.md). Pass your own via ``speeds``.
@@ -50,12 +54,15 @@ DEFAULT_NS_PER_SYMBOL: dict[str, tuple[float, float]] = {
     "zstd": (1.5, 1.0),
 }
 AUTO_CANDIDATES = ("fixed", "zstd", "ans", "elias")  # tie order: fastest first
+#: Longest segment for which ``auto`` computes Elias's exact size (see the module docstring).
+ELIAS_MAX_AUTO = 1 << 16
 
 
 def estimate_sizes(symbols: np.ndarray, num_levels: int) -> dict[str, int]:
     """Body sizes in bytes of each ``auto`` candidate (exact for fixed/zstd/elias, estimate for ans).
 
-    ``elias`` is omitted when its lower bound (8 + 3 bits per non-zero) cannot beat the others.
+    ``elias`` is omitted above :data:`ELIAS_MAX_AUTO` symbols and when its lower bound (8 + 3
+    bits per non-zero) cannot beat the others.
     """
     n = symbols.size
     sizes = {"fixed": CODECS["fixed"].size(n, num_levels)}
@@ -67,7 +74,7 @@ def estimate_sizes(symbols: np.ndarray, num_levels: int) -> dict[str, int]:
     zero_value = num_levels - 1
     at = np.searchsorted(model.present, zero_value)
     zeros = int(model.counts[at]) if at < model.present.size and model.present[at] == zero_value else 0
-    if 8 + -(-3 * (n - zeros) // 8) < min(sizes.values()):
+    if n <= ELIAS_MAX_AUTO and 8 + -(-3 * (n - zeros) // 8) < min(sizes.values()):
         sizes["elias"] = elias_size(symbols)
     return sizes
 
