@@ -1,0 +1,556 @@
+"""Per-rank job of ``bench/e2e.py``: every method side by side in one Horovod job.
+
+Started by ``bench/e2e.py`` under ``mpirun`` (one rank per emulated node, or local ranks for the
+unshaped run) with ``--config`` (a JSON file of sizes and steps) and ``--out`` (where rank 0
+writes the results). Not meant to be run by hand, but it can be::
+
+    mpirun -np 2 .venv/bin/python bench/e2e_worker.py --config cfg.json --out out.json
+
+What it measures, per model (a WGAN-GP at CIFAR size and a communication-heavy transformer LM):
+
+- ``compute``: the same model and QODA update with no wrapper and no communication;
+- ``hvd_fp32`` / ``hvd_fp16``: ``horovod.torch.DistributedOptimizer`` around QODA, with
+  ``hvd.Compression.none`` / ``hvd.Compression.fp16`` (per-tensor allreduces launched from the
+  gradient hooks, overlapping the backward pass, fused by Horovod);
+- ``eg_global``: ``qoda_hvd.DistributedOptimizer(ExtraGradient)`` with ONE quantizer for every
+  tensor (``types={"*": "feedforward"}``), two gradients and two exchanges per iteration;
+- ``qoda_allgather`` / ``qoda_scatter_gather``: ``qoda_hvd.DistributedOptimizer(QODA)`` with
+  layer-wise quantization (types from the model) and entropy coding, one exchange per iteration.
+
+Both quantized methods use the same bits, level family (``optimal``), bucket size and codec
+policy (``coding="auto"`` told the link rate), so they differ only in the typing and in the
+number of exchanges. Each step is timed between barriers; the per-phase times come from
+``compression_stats()``; logical bytes from the communicator's counts (Horovod's are derived
+from tensor sizes as a ring allreduce moves them); wire bytes from the node's ``eth0`` counters
+(emulated runs only: there every rank owns its network namespace).
+
+Then a time-to-target run on a communication-heavy monotone game (see :class:`DiagonalGame`).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+WGAN_EXAMPLE = ROOT / "examples" / "wgan_gp.py"
+
+#: Methods of the per-step comparison, in table order.
+STEP_METHODS = ("hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather", "qoda_scatter_gather")
+#: Methods of the time-to-target comparison.
+VI_METHODS = ("hvd_fp32", "eg_global", "qoda_layerwise")
+
+
+# ------------------------------------------------------------------------------------ models
+class _UpBlock(nn.Module):
+    """Residual block doubling the resolution (nearest upsampling), LayerNorm-style GroupNorm(1)."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.GroupNorm(1, ch), nn.GroupNorm(1, ch)
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        up = nn.functional.interpolate(x, scale_factor=2)
+        h = self.conv1(nn.functional.interpolate(torch.relu(self.norm1(x)), scale_factor=2))
+        return up + self.conv2(torch.relu(self.norm2(h)))
+
+
+class _DownBlock(nn.Module):
+    """Residual block of the critic, halving the resolution when ``down`` (no normalisation:
+    the gradient penalty is per sample)."""
+
+    def __init__(self, cin: int, ch: int, down: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.skip = nn.Conv2d(cin, ch, 1)
+        self.down = down
+
+    def forward(self, x):
+        h = self.conv2(torch.relu(self.conv1(torch.relu(x))))
+        s = self.skip(x)
+        if self.down:
+            h, s = nn.functional.avg_pool2d(h, 2), nn.functional.avg_pool2d(s, 2)
+        return h + s
+
+
+class StandInGenerator(nn.Module):
+    """Stand-in ResNet generator for 32x32x3 (used only when examples/wgan_gp.py has no builders)."""
+
+    def __init__(self, ch: int = 128, latent: int = 128) -> None:
+        super().__init__()
+        self.ch = ch
+        self.fc = nn.Linear(latent, 4 * 4 * ch)
+        self.blocks = nn.Sequential(_UpBlock(ch), _UpBlock(ch), _UpBlock(ch))
+        self.norm = nn.GroupNorm(1, ch)
+        self.out = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.blocks(self.fc(z).view(-1, self.ch, 4, 4))
+        return torch.tanh(self.out(torch.relu(self.norm(h))))
+
+
+class StandInCritic(nn.Module):
+    """Stand-in ResNet critic for 32x32x3 (used only when examples/wgan_gp.py has no builders)."""
+
+    def __init__(self, ch: int = 128) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(_DownBlock(3, ch, True), _DownBlock(ch, ch, True),
+                                    _DownBlock(ch, ch, False), _DownBlock(ch, ch, False))
+        self.fc = nn.Linear(ch, 1)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.blocks(x)).mean(dim=(2, 3))).squeeze(1)
+
+
+def _example_builders() -> tuple[Optional[Callable], Optional[Callable], str]:
+    """Generator and critic builders of examples/wgan_gp.py, when it has them."""
+    if not WGAN_EXAMPLE.exists():
+        return None, None, f"stand-in ResNet G/D ({WGAN_EXAMPLE.relative_to(ROOT)} does not exist)"
+    spec = importlib.util.spec_from_file_location("qoda_e2e_wgan_example", WGAN_EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the example is someone else's file: fall back, and say why
+        return None, None, f"stand-in ResNet G/D (importing {WGAN_EXAMPLE.name} failed: {e!r})"
+    gen = next((getattr(module, n) for n in ("build_generator", "make_generator", "Generator")
+                if callable(getattr(module, n, None))), None)
+    crit = next((getattr(module, n) for n in ("build_critic", "make_critic", "build_discriminator",
+                                              "Critic", "Discriminator")
+                 if callable(getattr(module, n, None))), None)
+    if gen is None or crit is None:
+        return None, None, (f"stand-in ResNet G/D ({WGAN_EXAMPLE.name} has no generator/critic "
+                            f"builders)")
+    return gen, crit, f"examples/wgan_gp.py {gen.__name__} / {crit.__name__}"
+
+
+def build_gan(ch: int, latent: int, use_example: bool = True) -> tuple[nn.ModuleDict, str]:
+    """``ModuleDict(G=..., D=...)`` at CIFAR size and where the builders came from."""
+    gen, crit, source = _example_builders() if use_example else (None, None, "stand-in ResNet G/D")
+    if gen is not None:
+        try:
+            return nn.ModuleDict({"G": _call_builder(gen, ch=ch, latent=latent),
+                                  "D": _call_builder(crit, ch=ch, latent=latent)}), source
+        except Exception as e:
+            source = f"stand-in ResNet G/D (the example's builders failed: {e!r})"
+    return nn.ModuleDict({"G": StandInGenerator(ch, latent), "D": StandInCritic(ch)}), source
+
+
+def _call_builder(fn: Callable, ch: int, latent: int) -> nn.Module:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    kwargs = {}
+    for name in params:
+        if name in ("ch", "channels", "width", "filters", "base_channels", "dim", "nf"):
+            kwargs[name] = ch
+        elif name in ("latent", "latent_dim", "z_dim", "nz", "noise_dim"):
+            kwargs[name] = latent
+    return fn(**kwargs)
+
+
+def gan_latent(gan: nn.ModuleDict, default: int) -> int:
+    """Latent size the generator takes (its first Linear's in_features), else ``default``."""
+    first = next((m for m in gan["G"].modules() if isinstance(m, nn.Linear)), None)
+    return first.in_features if first is not None else default
+
+
+def make_gan_step(gan: nn.ModuleDict, batch: int, latent: int, generator: torch.Generator,
+                  penalty: float = 10.0) -> Callable[[], None]:
+    """One WGAN-GP oracle call: ONE backward gives the game field.
+
+    ``loss = D(fake) - D(real) + penalty * GP`` descended by D; G's gradient of the same loss is
+    that of ``D(fake)``, which G ascends (its parameter group has ``maximize=True``), i.e. G
+    descends ``-D(fake)``: the stacked (grad_G, grad_D) field of the zero-sum game.
+    """
+    G, D = gan["G"], gan["D"]
+
+    def step() -> None:
+        real = torch.rand(batch, 3, 32, 32, generator=generator) * 2 - 1  # CIFAR-shaped batch
+        z = torch.randn(batch, latent, generator=generator)
+        fake = G(z)
+        eps = torch.rand(batch, 1, 1, 1, generator=generator)
+        mix = (eps * real + (1 - eps) * fake.detach()).requires_grad_(True)
+        (grad,) = torch.autograd.grad(D(mix).sum(), mix, create_graph=True)
+        gp = (grad.flatten(1).norm(dim=1) - 1).square().mean()
+        loss = D(fake).mean() - D(real).mean() + penalty * gp
+        loss.backward()
+
+    return step
+
+
+def gan_groups(gan: nn.ModuleDict) -> list[dict]:
+    return [{"params": list(gan["G"].parameters()), "maximize": True},
+            {"params": list(gan["D"].parameters())}]
+
+
+class TinyLM(nn.Module):
+    """Communication-heavy causal transformer LM: most parameters are in the (untied) token
+    embedding and output head, as in large-vocabulary language models."""
+
+    def __init__(self, vocab: int, d: int, layers: int, seq: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, nhead=max(1, d // 64), dim_feedforward=4 * d,
+                                       dropout=0.0, batch_first=True) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq),
+                             persistent=False)
+
+    def forward(self, tokens):
+        h = self.embed(tokens) + self.pos.weight[: tokens.shape[1]]
+        for block in self.blocks:
+            h = block(h, src_mask=self.mask[: tokens.shape[1], : tokens.shape[1]], is_causal=True)
+        return self.head(self.norm(h))
+
+
+def make_lm_step(lm: TinyLM, batch: int, seq: int, vocab: int,
+                 generator: torch.Generator) -> Callable[[], None]:
+    def step() -> None:
+        tokens = torch.randint(vocab, (batch, seq + 1), generator=generator)
+        logits = lm(tokens[:, :-1])
+        nn.functional.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1)).backward()
+
+    return step
+
+
+# ---------------------------------------------------------------------------------- the game
+class DiagonalGame(nn.Module):
+    r"""Regularised bilinear game with a diagonal coupling, O(d) per oracle call.
+
+    :math:`\min_x \max_y \sum_i a_i \tilde x_i \tilde y_i + \frac\mu2\lVert\tilde x\rVert^2
+    - \frac\mu2\lVert\tilde y\rVert^2` with :math:`\tilde x = x - x^\star`, so
+    :math:`A(x, y) = (\mu\tilde x + a\odot\tilde y,\ \mu\tilde y - a\odot\tilde x)`:
+    :math:`\mu`-strongly monotone, solution :math:`(x^\star, y^\star)`. Two blocks (``dense``:
+    Gaussian start error; ``sparse``: 1% of coordinates off by 10) give two distributions of
+    normalised gradient coordinates, i.e. two layer types. Parameters are ``(rows, 1024)``
+    matrices so every one is quantized. Absolute noise: each rank adds
+    :math:`\sigma\xi`, :math:`\xi\sim N(0, I)` from its own generator.
+    """
+
+    def __init__(self, rows: int, mu: float, sigma: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.mu, self.sigma = mu, sigma
+        self.names = ("dense.x", "dense.y", "sparse.x", "sparse.y")
+        self.blocks = nn.ModuleDict()
+        for block in ("dense", "sparse"):
+            mod = nn.Module()
+            for who in ("x", "y"):
+                star = torch.randn(rows, 1024, generator=generator)
+                if block == "dense":
+                    err = torch.randn(rows, 1024, generator=generator)
+                else:
+                    err = 10.0 * (torch.rand(rows, 1024, generator=generator) < 0.01).float()
+                mod.register_buffer(f"{who}_star", star)
+                mod.register_parameter(who, nn.Parameter(star + err))
+            mod.register_buffer("a", 0.5 + torch.rand(rows, 1024, generator=generator))
+            self.blocks[block] = mod
+
+    def operator_(self, generator: Optional[torch.Generator]) -> None:
+        """Write the (noisy) operator into ``.grad`` through a surrogate backward (so the
+        wrappers' gradient hooks fire exactly as for a model)."""
+        terms = []
+        for mod in self.blocks.values():
+            ex, ey = mod.x.detach() - mod.x_star, mod.y.detach() - mod.y_star
+            gx = ex.mul(self.mu).addcmul_(mod.a, ey)
+            gy = ey.mul(self.mu).addcmul_(mod.a, ex, value=-1.0)
+            if generator is not None and self.sigma > 0:
+                gx.add_(torch.randn(gx.shape, generator=generator), alpha=self.sigma)
+                gy.add_(torch.randn(gy.shape, generator=generator), alpha=self.sigma)
+            terms += [(mod.x * gx).sum(), (mod.y * gy).sum()]
+        torch.stack(terms).sum().backward()
+
+    @torch.no_grad()
+    def distance(self, points: Optional[list[torch.Tensor]] = None) -> float:
+        """:math:`\\lVert z - z^\\star\\rVert` at ``points`` (parameter order) or the parameters."""
+        stars = [t for m in self.blocks.values() for t in (m.x_star, m.y_star)]
+        params = list(self.parameters()) if points is None else points
+        return math.sqrt(sum(float((p - s).square().sum()) for p, s in zip(params, stars)))
+
+
+# ------------------------------------------------------------------------------ measurement
+def _wire_counters() -> Optional[tuple[int, int]]:
+    base = Path("/sys/class/net/eth0/statistics")
+    try:
+        return int((base / "tx_bytes").read_text()), int((base / "rx_bytes").read_text())
+    except OSError:
+        return None
+
+
+def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    # Module initialisers draw from the global generator: fork it so nothing else is disturbed,
+    # and every rank and method starts from the same weights (no broadcast needed).
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build()
+
+
+class Method:
+    """A built optimizer for one method, with how to run one iteration."""
+
+    def __init__(self, name: str, model: nn.Module, groups, cfg: dict, link_bytes_per_s,
+                 step_size: str, lr: float) -> None:
+        import horovod.torch as hvd
+
+        import qoda_hvd
+
+        self.name = name
+        self.model = model
+        self.extragradient = name.startswith("eg")
+        named = list(model.named_parameters())
+        if self.extragradient:
+            base = qoda_hvd.ExtraGradient(groups, lr=lr, step_size=step_size)
+        else:
+            base = qoda_hvd.QODA(groups, lr=lr, step_size=step_size)
+        bits, levels = cfg["bits"], cfg["levels"]
+        if name == "compute":
+            self.opt, self.kind = base, "plain"
+        elif name.startswith("hvd"):
+            comp = hvd.Compression.fp16 if name == "hvd_fp16" else hvd.Compression.none
+            self.opt = hvd.DistributedOptimizer(base, named_parameters=named, compression=comp)
+            self.opt.step_size_policy = base.step_size_policy  # Horovod rebuilds with defaults
+            self.kind = "horovod"
+        else:
+            types = {"*": "feedforward"} if name == "eg_global" else cfg.get("types") or model
+            exchange = {"qoda_allgather": "allgather", "qoda_scatter_gather": "scatter_gather"}.get(
+                name, "auto")
+            comp = qoda_hvd.Compression.layerwise(bits=bits, levels=levels, coding=cfg["coding"],
+                                                  types=types, bandwidth=link_bytes_per_s)
+            self.opt = qoda_hvd.DistributedOptimizer(base, named_parameters=named,
+                                                     compression=comp, exchange=exchange)
+            self.kind = "qoda"
+        self.numel = sum(p.numel() for _, p in named if p.requires_grad)
+
+    def iterate(self, oracle: Callable[[], None]) -> None:
+        opt = self.opt
+        opt.zero_grad()
+        oracle()
+        if self.extragradient:
+            opt.extrapolation()
+            opt.zero_grad()
+            oracle()
+        opt.step()
+
+    def phase_times(self) -> dict:
+        if self.kind != "qoda":
+            return {}
+        s = self.opt.compression_stats()
+        return {"qenc": s["time_quantize_s"] + s["time_encode_s"], "exch": s["time_exchange_s"],
+                "dec": s["time_decode_s"], "sent": s["bytes_sent"], "recv": s["bytes_received"],
+                "exchanges": s["exchanges"], "bits": s["bits_per_coordinate"],
+                "strategy": s["strategy"]}
+
+
+def time_methods(methods: list, warmup: int, steps: int, wire: bool) -> list[dict]:
+    """Per-iteration records of this rank for each ``(method, oracle)``, interleaved: round r
+    times iteration r of every method in turn, so drift on a shared machine hits all alike.
+    A barrier precedes each timed iteration; phases and bytes are deltas around it."""
+    import horovod.torch as hvd
+
+    for method, oracle in methods:
+        for _ in range(warmup):
+            method.iterate(oracle)
+    records = [{"rows": []} for _ in methods]
+    for _ in range(steps):
+        for (method, oracle), rec in zip(methods, records):
+            use_wire = wire and method.kind != "plain"
+            hvd.barrier()
+            p0, w0 = method.phase_times(), _wire_counters() if use_wire else None
+            t0 = time.perf_counter()
+            method.iterate(oracle)
+            elapsed = time.perf_counter() - t0
+            p1, w1 = method.phase_times(), _wire_counters() if use_wire else None
+            row = {"time": elapsed}
+            for key in ("qenc", "exch", "dec", "sent", "recv", "exchanges"):
+                if key in p1:
+                    row[key] = p1[key] - p0[key]
+            if w0 is not None and w1 is not None:
+                row["wire_tx"], row["wire_rx"] = w1[0] - w0[0], w1[1] - w0[1]
+            rec["rows"].append(row)
+    for (method, _), rec in zip(methods, records):
+        last = method.phase_times()
+        rec.update(bits=last.get("bits"), strategy=last.get("strategy"))
+    return records
+
+
+def summarise(per_rank: list[dict], name: str, numel: int, k: int, compute_s: Optional[float],
+              extragradient: bool) -> dict:
+    """Median over iterations of the slowest rank's time; phases and bytes averaged over ranks."""
+    steps = len(per_rank[0]["rows"])
+    step_time = statistics.median(max(r["rows"][i]["time"] for r in per_rank) for i in range(steps))
+
+    def med(key):
+        vals = [statistics.median(row[key] for row in r["rows"]) for r in per_rank
+                if key in r["rows"][0]]
+        return sum(vals) / len(vals) if vals else None
+
+    out = {"method": name, "step_s": step_time, "numel": numel, "steps_timed": steps,
+           "exchanges_per_iteration": 2 if extragradient else 1,
+           "bits_per_coordinate": per_rank[0].get("bits"), "strategy": per_rank[0].get("strategy")}
+    if name == "compute":
+        out.update(compute_s=step_time, qenc_s=0.0, exchange_s=0.0, decode_s=0.0,
+                   bytes_sent=0, bytes_received=0, bytes_source="no communication")
+    elif name.startswith("hvd"):
+        width = 2 if name == "hvd_fp16" else 4
+        ring = 2 * (k - 1) * numel * width // k  # what a ring allreduce moves per rank
+        out.update(bytes_sent=ring, bytes_received=ring, bytes_source="derived (ring allreduce)",
+                   strategy="allreduce", bits_per_coordinate=8.0 * width)
+        out["compute_s"] = compute_s
+        out["exchange_s"] = None if compute_s is None else max(step_time - compute_s, 0.0)
+        out["qenc_s"] = out["decode_s"] = 0.0
+    else:
+        out.update(bytes_sent=med("sent"), bytes_received=med("recv"),
+                   bytes_source="counted (communicator)")
+        qenc, exch, dec = med("qenc"), med("exch"), med("dec")
+        out.update(qenc_s=qenc, exchange_s=exch, decode_s=dec,
+                   compute_s=max(step_time - qenc - exch - dec, 0.0))
+    wire_tx, wire_rx = med("wire_tx"), med("wire_rx")
+    if wire_tx is not None:
+        out.update(wire_tx_bytes=wire_tx, wire_rx_bytes=wire_rx)
+    return out
+
+
+def run_model(model_name: str, cfg: dict, link_bytes, wire: bool) -> dict:
+    import horovod.torch as hvd
+
+    k, rank = hvd.size(), hvd.rank()
+    spec = cfg["models"][model_name]
+    data_gen = torch.Generator().manual_seed(10_000 + rank)
+    source = None
+    if model_name == "wgan_gp":
+        def build():
+            nonlocal source
+            gan, source = build_gan(spec["ch"], spec["latent"], cfg.get("use_example", True))
+            return gan
+
+        def bind(model):
+            return make_gan_step(model, spec["batch"], gan_latent(model, spec["latent"]),
+                                 data_gen), gan_groups(model)
+        lr = 2e-4
+    else:
+        def build():
+            return TinyLM(spec["vocab"], spec["d"], spec["layers"], spec["seq"])
+
+        def bind(model):
+            return (make_lm_step(model, spec["batch"], spec["seq"], spec["vocab"], data_gen),
+                    list(model.parameters()))
+        lr = 1e-3
+    names = ("compute",) + tuple(m for m in STEP_METHODS if m in cfg["methods"])
+    methods = []
+    for name in names:
+        model = _seeded(build, 0)
+        oracle, groups = bind(model)
+        methods.append((Method(name, model, groups, cfg, link_bytes, "adaptive", lr), oracle))
+    records = time_methods(methods, cfg["warmup"], cfg["steps"], wire)
+    results, compute_s = {}, None
+    for (method, _), rec in zip(methods, records):
+        per_rank = hvd.allgather_object(rec)
+        summary = summarise(per_rank, method.name, method.numel, k, compute_s,
+                            method.extragradient)
+        if method.name == "compute":
+            compute_s = summary["step_s"]
+        results[method.name] = summary
+        if rank == 0:
+            print(f"  [{model_name}] {method.name:<20} {summary['step_s'] * 1e3:9.1f} ms/iteration",
+                  flush=True)
+    del methods
+    return {"source": source or "transformer LM (bench/e2e_worker.py TinyLM)",
+            "params": results["compute"]["numel"], "spec": spec, "methods": results}
+
+
+def run_vi(cfg: dict, link_bytes, wire: bool) -> dict:
+    """Time (sum of iteration times, checks excluded) until distance < target * initial."""
+    import horovod.torch as hvd
+
+    spec = cfg["vi"]
+    rank = hvd.rank()
+    out = {"spec": spec, "methods": {}}
+    for name in VI_METHODS:
+        if name not in cfg["vi_methods"]:
+            continue
+        game = DiagonalGame(spec["rows"], spec["mu"], spec["sigma"],
+                            torch.Generator().manual_seed(7))
+        noise = torch.Generator().manual_seed(20_000 + rank)
+        params = list(game.parameters())
+        vi_cfg = dict(cfg, types={"dense.*": "dense", "sparse.*": "sparse"})
+        method = Method("eg_global" if name == "eg_global" else
+                        ("hvd_fp32" if name == "hvd_fp32" else "qoda_vi"),
+                        game, params, vi_cfg, link_bytes, "constant", spec["lr"])
+        d0 = game.distance()
+        target = spec["target"] * d0
+        oracle = lambda: game.operator_(noise)  # noqa: E731
+        elapsed, iters, dist, reached = 0.0, 0, d0, False
+        p0, w0 = method.phase_times(), _wire_counters() if wire else None
+        while iters < spec["max_iterations"] and elapsed < spec["max_seconds"]:
+            hvd.barrier()
+            t0 = time.perf_counter()
+            method.iterate(oracle)
+            elapsed += time.perf_counter() - t0
+            iters += 1
+            point = None if method.extragradient else method.opt.base_iterates()
+            dist = game.distance(point)
+            # Rank 0's decision for all (the wrappers leave identical parameters anyway).
+            flag = hvd.broadcast(torch.tensor([float(dist < target)]), 0)
+            if flag.item() > 0:
+                reached = True
+                break
+        p1, w1 = method.phase_times(), _wire_counters() if wire else None
+        times = hvd.allgather_object(elapsed)
+        row = {"method": name, "reached": reached, "iterations": iters, "seconds": max(times),
+               "initial_distance": d0, "final_distance": dist, "target_distance": target,
+               "seconds_per_iteration": max(times) / max(iters, 1)}
+        if p1:
+            row["bytes_sent_per_iteration"] = (p1["sent"] - p0["sent"]) / max(iters, 1)
+        else:
+            row["bytes_sent_per_iteration"] = 2 * (hvd.size() - 1) * 4 * method.numel // hvd.size()
+        if w0 is not None and w1 is not None:
+            row["wire_tx_per_iteration"] = (w1[0] - w0[0]) / max(iters, 1)
+        out["methods"][name] = row
+        if rank == 0:
+            print(f"  [vi] {name:<20} {'reached' if reached else 'NOT reached'} after {iters} "
+                  f"iterations, {max(times):.2f} s", flush=True)
+        del method, game
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="JSON file written by bench/e2e.py")
+    parser.add_argument("--out", required=True, help="where rank 0 writes the results (JSON)")
+    args = parser.parse_args(argv)
+    cfg = json.loads(Path(args.config).read_text())
+    torch.set_num_threads(1)
+    import horovod.torch as hvd
+
+    hvd.init()
+    link = cfg.get("link_bytes_per_s")
+    wire = bool(cfg.get("wire_counters"))
+    result = {"bandwidth": cfg["bandwidth"], "nodes": hvd.size(), "models": {}}
+    t0 = time.perf_counter()
+    for model_name in cfg["models"]:
+        result["models"][model_name] = run_model(model_name, cfg, link, wire)
+    if cfg.get("vi"):
+        result["vi"] = run_vi(cfg, link, wire)
+    result["job_seconds"] = time.perf_counter() - t0
+    if hvd.rank() == 0:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    hvd.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
