@@ -27,6 +27,10 @@ FAMILIES = {
     "ternary": uniform_levels(2),
     "exp8": exponential_levels(8),
     "custom": torch.tensor([0.0, 0.01, 0.05, 0.3, 1.0]),
+    # Two levels inside one cell of every cell grid: the CPU cell table needs 2 tree steps.
+    "dense": torch.tensor([0.0, 0.3, 0.5, 0.5 + 2.0**-13, 0.5 + 2.0**-12, 1.0]),
+    # Three levels inside one cell of every grid: the CPU path falls back to bucketize.
+    "crowded": torch.tensor([0.0, 0.5, 0.5 + 2.0**-20, 0.5 + 2.0**-19, 0.5 + 3 * 2.0**-20, 1.0]),
 }
 # CPU noise uses 16-bit draws: rounding probabilities are exact to 2^-17 (quantizer docstring).
 PROB_RESOLUTION = 2.0**-16
@@ -219,6 +223,90 @@ def test_optimal_levels_reduce_measured_error():
         qt = quantize(x, levels, g)
         err[name] = float((dequantize(qt, levels) - x).pow(2).sum())
     assert err["optimal"] < err["uniform"]
+
+
+def _bucketize_quantizer(levels: torch.Tensor, **kwargs) -> Quantizer:
+    """A quantizer forced onto the torch.bucketize interval search (the reference path)."""
+    q = Quantizer(levels, **kwargs)
+    q._cells, q._cells_built = None, True
+    return q
+
+
+def _random_levels(num_levels: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    inner = torch.rand(num_levels - 2, generator=g, dtype=torch.float64) ** 3  # crowd towards 0
+    lv = torch.cat([torch.zeros(1, dtype=torch.float64), inner.sort().values, torch.ones(1, dtype=torch.float64)])
+    lv = torch.unique(lv.float())
+    assert lv.numel() == num_levels  # float32 collisions are improbable for these seeds
+    return lv
+
+
+CELL_LEVELS = {
+    "exp8": exponential_levels(8),
+    "exp128": exponential_levels(128),
+    "random3": _random_levels(3, 0),
+    "random8": _random_levels(8, 1),
+    "random128": _random_levels(128, 2),
+    "optimal128": optimal_levels(torch.exp(-torch.linspace(0, 8, 1024)), 128),
+    "dense": FAMILIES["dense"],
+    "crowded": FAMILIES["crowded"],
+    "denormal": torch.tensor([0.0, 1e-40, 2e-40, 1e-38, 0.5, 1.0]),
+}
+
+
+def _probes(levels: torch.Tensor) -> torch.Tensor:
+    """u values where an interval search can go wrong: each level and its float32 neighbours,
+    cell edges of every grid, 0, 1, just above 1, and uniform draws."""
+    lv = levels.float()
+    near = torch.cat([lv, torch.nextafter(lv, torch.tensor(2.0)), torch.nextafter(lv, torch.tensor(-1.0)).clamp_min(0)])
+    edges = torch.cat([(torch.arange(1 << 10, dtype=torch.int32) << s).view(torch.float32) for s in range(13, 24)])
+    edges = edges[(edges >= 0) & (edges <= 1)]
+    extra = torch.tensor([0.0, 1.0, 1.0 + 2.0**-23, 1.0 + 2.0**-22])
+    return torch.cat([near, edges, torch.nextafter(edges, torch.tensor(-1.0)).clamp_min(0), extra,
+                      torch.rand(20_000, generator=torch.Generator().manual_seed(0))])
+
+
+@pytest.mark.parametrize("name", sorted(CELL_LEVELS))
+def test_cell_table_finds_the_bucketize_interval(name):
+    levels = CELL_LEVELS[name]
+    q = Quantizer(levels)
+    table = q._cell_table()
+    if name == "crowded":
+        assert table is None  # needs 3 steps: bucketize is used
+        return
+    assert table is not None
+    expected_steps = {"dense": 2, "exp8": 0, "exp128": 0}.get(name)
+    if expected_steps is not None:
+        assert len(table.bounds) == expected_steps
+    _, slope, offset, _ = q._tables_on(torch.device("cpu"))
+    u = _probes(levels)
+    j = torch.bucketize(u, levels[1:-1], right=True)
+    # The lookup as the quantizer does it, step by step.
+    r = (u.view(torch.int32) >> table.shift).clamp(0, table.last_cell).long()
+    for bound in table.bounds:
+        r = 2 * r + (u >= bound[r]).long()
+    assert torch.equal(table.slope[r], slope[j]) and torch.equal(table.offset[r], offset[j])
+
+
+@pytest.mark.parametrize("name", sorted(CELL_LEVELS))
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_cell_table_path_matches_bucketize_path_bit_for_bit(name, norm):
+    levels = CELL_LEVELS[name]
+    bs = 256
+    x = torch.randn(40 * bs + 77, generator=torch.Generator().manual_seed(4)) ** 3
+    # Buckets whose max is 1 (linf: u is the value itself), filled with levels and their neighbours.
+    probes = _probes(levels)[: 8 * bs]
+    probes = probes[torch.randperm(probes.numel(), generator=torch.Generator().manual_seed(5))]
+    probes[::bs] = 1.0
+    x[: probes.numel()] = probes * torch.where(torch.arange(probes.numel()) % 3 == 0, -1.0, 1.0)
+    x[9 * bs + 3] = float("nan")  # a non-finite bucket goes through the lookup too
+    fast = Quantizer(levels, bucket_size=bs, norm=norm, nonfinite="propagate", chunk_size=4 * bs)
+    ref = _bucketize_quantizer(levels, bucket_size=bs, norm=norm, nonfinite="propagate", chunk_size=4 * bs)
+    for seed in range(3):
+        a = fast.quantize(x, torch.Generator().manual_seed(seed))
+        b = ref.quantize(x, torch.Generator().manual_seed(seed))
+        assert torch.equal(a.symbols, b.symbols)
+        torch.testing.assert_close(a.norms, b.norms, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
