@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from qoda_hvd.quant import QuantizedTensor, Quantizer, exponential_levels, optimal_levels, uniform_levels
+from qoda_hvd.quant import Quantizer, exponential_levels, optimal_levels, uniform_levels
 
 
 def naive_quantize(x: torch.Tensor, num_levels: int, bucket_size: int, g: torch.Generator):

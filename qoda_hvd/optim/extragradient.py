@@ -10,23 +10,19 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from qoda_hvd.optim.qoda import (
+    StepSizeOptimizer,
     StepSizePolicy,
     accumulate_sq_diffs,
-    make_step_size_policy,
     read_sq_diff_sums,
-    restore_accumulator_dtypes,
     step_sizes_per_param,
-    validate_lr,
-    validate_qhat,
 )
 
 __all__ = ["ExtraGradient"]
 
 
-class ExtraGradient(Optimizer):
+class ExtraGradient(StepSizeOptimizer):
     r"""Extra-gradient: :meth:`extrapolation` with :math:`g(x_t)`, then :meth:`step` with
     :math:`g(x_{t+1/2})`.
 
@@ -81,24 +77,8 @@ class ExtraGradient(Optimizer):
         *,
         maximize: bool = False,
     ) -> None:
-        validate_lr(lr)
-        validate_qhat(qhat)
-        if not isinstance(maximize, bool):
-            raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
-        self.step_size_policy = make_step_size_policy(step_size)
         self._extrapolated = False
-        super().__init__(params, dict(lr=lr, qhat=qhat, maximize=maximize))
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for key, check in (("lr", validate_lr), ("qhat", validate_qhat)):
-            if key in param_group:
-                check(param_group[key])
-        super().add_param_group(param_group)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        restore_accumulator_dtypes(self, state_dict)
-        self._extrapolated = False
+        super().__init__(params, lr, qhat, step_size, maximize)
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []

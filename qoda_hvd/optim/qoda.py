@@ -289,7 +289,30 @@ def qoda_update(
     torch._foreach_copy_(prev_aggregates, aggregates)                # V_{t+1/2} for D_{t+1}
 
 
-class QODA(Optimizer):
+class StepSizeOptimizer(Optimizer):
+    """What QODA and ExtraGradient share: ``lr``/``qhat``/``maximize`` checks (also for added
+    param groups), the step-size policy, and float32 accumulators across ``load_state_dict``."""
+
+    def __init__(self, params, lr, qhat, step_size, maximize) -> None:
+        validate_lr(lr)
+        validate_qhat(qhat)
+        if not isinstance(maximize, bool):
+            raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
+        self.step_size_policy = make_step_size_policy(step_size)
+        super().__init__(params, dict(lr=lr, qhat=qhat, maximize=maximize))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key, check in (("lr", validate_lr), ("qhat", validate_qhat)):
+            if key in param_group:
+                check(param_group[key])
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_accumulator_dtypes(self, state_dict)
+
+
+class QODA(StepSizeOptimizer):
     r"""Optimistic dual averaging with adaptive step sizes (the math of QODA, no communication).
 
     The parameters always hold the *half-iterate* :math:`X_{t+1/2}`, the point where the next
@@ -369,23 +392,7 @@ class QODA(Optimizer):
         *,
         maximize: bool = False,
     ) -> None:
-        validate_lr(lr)
-        validate_qhat(qhat)
-        if not isinstance(maximize, bool):
-            raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
-        self.step_size_policy = make_step_size_policy(step_size)
-        defaults = dict(lr=lr, qhat=qhat, maximize=maximize)
-        super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for key, check in (("lr", validate_lr), ("qhat", validate_qhat)):
-            if key in param_group:
-                check(param_group[key])
-        super().add_param_group(param_group)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        restore_accumulator_dtypes(self, state_dict)
+        super().__init__(params, lr, qhat, step_size, maximize)
 
     def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
         params, grads, anchors, duals, prevs, steps = [], [], [], [], [], []

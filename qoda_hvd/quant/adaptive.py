@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 
 from qoda_hvd.quant.allocation import allocate_levels
