@@ -106,7 +106,8 @@ else
     fi
   fi
   # shellcheck disable=SC2086
-  run_logged "pip install torch" "$VENV/torch-install.log" "${PIP[@]}" install $QODA_TORCH_SPEC
+  # numpy with it: torch imports it when present and warns when not.
+  run_logged "pip install torch" "$VENV/torch-install.log" "${PIP[@]}" install $QODA_TORCH_SPEC numpy
   TV=$(torch_version) || die "torch still not importable (>= $TORCH_MIN) after installing $QODA_TORCH_SPEC"
   say "torch $TV installed"
 fi
