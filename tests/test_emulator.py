@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -80,9 +82,19 @@ def test_refuses_without_root_before_creating_anything(monkeypatch):
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
                     reason="needs root and setpriv to run the wrapper as another user")
 def test_bash_wrapper_refuses_without_root():
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash",
-                           str(ROOT / "launch" / "emulate-cluster"), "--nodes", "2", "--",
-                           "true"], capture_output=True, text=True, timeout=30)
+    # A copy in a directory the unprivileged user can read: the checkout (and pytest's tmp_path)
+    # may sit in a private 0700 directory, as CI's clone under mktemp -d does.
+    public = Path(tempfile.mkdtemp(prefix="qoda-wrapper-"))
+    try:
+        public.chmod(0o755)
+        wrapper = public / "emulate-cluster"
+        shutil.copy(ROOT / "launch" / "emulate-cluster", wrapper)
+        wrapper.chmod(0o755)
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               "bash", str(wrapper), "--nodes", "2", "--", "true"],
+                              capture_output=True, text=True, timeout=30, cwd="/")
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
     assert proc.returncode == 1
     assert "emulate-cluster: error: the cluster emulator needs root" in proc.stderr
 
@@ -171,8 +183,9 @@ def test_horovod_job_runs_one_rank_per_node(tmp_path):
         proc = cluster.run([sys.executable, str(script)], timeout=JOB_TIMEOUT,
                            capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    ranks = sorted((json.loads(line) for line in proc.stdout.splitlines()
-                    if line.startswith("{")), key=lambda r: r["rank"])
+    # The ranks' lines can arrive joined on one line of mpirun's output: take each object.
+    ranks = sorted((json.loads(obj) for obj in re.findall(r"\{[^{}]*\}", proc.stdout)),
+                   key=lambda r: r["rank"])
     print("\n".join(json.dumps(r) for r in ranks))
     assert [r["rank"] for r in ranks] == [0, 1]
     for r in ranks:
