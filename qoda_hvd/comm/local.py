@@ -20,12 +20,14 @@ class _Rendezvous:
         self.barrier = threading.Barrier(size, timeout=timeout)
         self.slots: list = [None] * size
 
-    def exchange(self, rank: int, value):
+    def exchange(self, rank: int, value, read):
+        """Post ``value``; return ``read(all posted values)``, computed while every peer is
+        still waiting, so no peer can reuse or overwrite its tensor before it has been read."""
         self.slots[rank] = value
         self.barrier.wait()
-        seen = list(self.slots)
-        self.barrier.wait()  # nobody overwrites a slot before everyone has read it
-        return seen
+        out = read(list(self.slots))
+        self.barrier.wait()
+        return out
 
 
 class _LocalCommunicator(Communicator):
@@ -34,15 +36,14 @@ class _LocalCommunicator(Communicator):
         self._rv = rendezvous
 
     def _allgather(self, payload):
-        return [p.clone() for p in self._rv.exchange(self.rank, payload)]
+        return self._rv.exchange(self.rank, payload, lambda parts: [p.clone() for p in parts])
 
     def _alltoall(self, chunks):
-        rows = self._rv.exchange(self.rank, chunks)
-        return [rows[i][self.rank].clone() for i in range(self.size)]
+        me = self.rank
+        return self._rv.exchange(self.rank, chunks, lambda rows: [r[me].clone() for r in rows])
 
     def _allreduce_sum(self, tensor):
-        parts = self._rv.exchange(self.rank, tensor)
-        return torch.stack(parts).sum(dim=0)
+        return self._rv.exchange(self.rank, tensor, lambda parts: torch.stack(parts).sum(dim=0))
 
 
 class LocalGroup(list):
