@@ -17,6 +17,8 @@ import torch
 
 __all__ = ["CommStats", "Communicator", "check_payload"]
 
+_REDUCIBLE = (torch.float16, torch.float32, torch.float64)
+
 
 @dataclass
 class CommStats:
@@ -97,9 +99,12 @@ class Communicator(abc.ABC):
         return out
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Elementwise sum of a same-shaped float tensor over ranks (a new tensor)."""
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in (torch.float32, torch.float64):
-            raise TypeError("allreduce_sum takes a float32 or float64 torch.Tensor, got "
+        """Elementwise sum of a same-shaped float tensor over ranks (a new tensor, same dtype).
+
+        float16 travels as float16 (what ``Compression.fp16`` is for); float32 and float64 too.
+        """
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in _REDUCIBLE:
+            raise TypeError("allreduce_sum takes a float16, float32 or float64 torch.Tensor, got "
                             f"{getattr(tensor, 'dtype', type(tensor).__name__)}")
         out = self._allreduce_sum(tensor)
         self.stats.collectives += 1

@@ -44,6 +44,10 @@ class MPICommunicator(Communicator):
         return list(torch.split(torch.from_numpy(recv), recv_counts.tolist()))
 
     def _allreduce_sum(self, tensor):
+        if tensor.dtype == torch.float16:
+            # MPI has no half-precision sum; mpi4py's path sums in float32 and rounds back (the
+            # Horovod communicator sends float16 on the wire).
+            return self._allreduce_sum(tensor.float()).half()
         send = tensor.detach().contiguous().numpy()
         recv = np.empty_like(send)
         self.comm.Allreduce(send, recv, op=MPI.SUM)

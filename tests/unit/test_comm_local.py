@@ -45,7 +45,7 @@ def test_allreduce_sum():
     (lambda c: c.allgather(torch.zeros(3)), TypeError, r"payload must be a 1-D torch.uint8"),
     (lambda c: c.allgather([1, 2]), TypeError, r"payload must be a torch.Tensor, got list"),
     (lambda c: c.alltoall([]), ValueError, r"one chunk per rank \(1\), got 0"),
-    (lambda c: c.allreduce_sum(torch.zeros(2, dtype=torch.int32)), TypeError, r"float32 or float64"),
+    (lambda c: c.allreduce_sum(torch.zeros(2, dtype=torch.int32)), TypeError, r"float16, float32 or float64"),
 ])
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):

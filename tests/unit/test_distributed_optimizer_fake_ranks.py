@@ -204,6 +204,27 @@ def test_matches_uncompressed_average_with_compression_none():
         torch.testing.assert_close(avg, (out[0][0][i] + out[1][0][i]) / 2)
 
 
+def test_fp16_through_the_wrapper_sends_half_the_bytes_of_none():
+    def fn(r, c, compression):
+        model = make_model()
+        opt = qoda_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                            model.named_parameters(), compression=compression,
+                                            communicator=c)
+        x, y = batch(r, 0)
+        nn.functional.cross_entropy(model(x), y).backward()
+        local = [p.grad.clone() for p in model.parameters()]
+        opt.synchronize()
+        return c.stats.bytes_sent, local, [p.grad.clone() for p in model.parameters()]
+
+    full = run_ranks(2, lambda r, c: fn(r, c, qoda_hvd.Compression.none))
+    half = run_ranks(2, lambda r, c: fn(r, c, qoda_hvd.Compression.fp16))
+    assert half[0][0] * 2 == full[0][0] > 0
+    for i, avg in enumerate(half[0][2]):
+        assert avg.dtype == torch.float32
+        expected = ((half[0][1][i].half() + half[1][1][i].half()) / 2).float()
+        torch.testing.assert_close(avg, expected, rtol=1e-3, atol=1e-4)
+
+
 def test_keeps_the_step_size_rule_of_qoda():
     opt = qoda_hvd.DistributedOptimizer(QODA(make_model().parameters(), step_size="constant"),
                                         communicator=LocalGroup(1)[0])
