@@ -38,3 +38,9 @@ def test_alltoall_splits(comm):
 def test_allreduce_sum(comm):
     out = comm.allreduce_sum(torch.tensor([1.0, float(comm.rank)], dtype=torch.float64))
     assert out.tolist() == [float(comm.size), float(sum(range(comm.size)))]
+
+
+def test_allreduce_sum_float16(comm):
+    out = comm.allreduce_sum(torch.tensor([0.5, float(comm.rank)], dtype=torch.float16))
+    assert out.dtype == torch.float16
+    assert out.tolist() == [0.5 * comm.size, float(sum(range(comm.size)))]
