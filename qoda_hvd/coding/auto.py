@@ -43,7 +43,7 @@ from qoda_hvd.coding.codecs import CODECS, elias_size, to_values
 from qoda_hvd.coding.model import CountsModel
 
 __all__ = ["DEFAULT_NS_PER_SYMBOL", "AUTO_CANDIDATES", "ELIAS_MAX_AUTO", "estimate_sizes",
-           "choose_codec"]
+           "choose_codec", "choose_and_encode"]
 
 # (encode, decode) nanoseconds per symbol on one CPU thread, rounded from bench/bench_codec.py
 # runs at 1M symbols and 2-8 bits (see bench/README.md). Pass your own via ``speeds``.
@@ -64,19 +64,58 @@ def estimate_sizes(symbols: np.ndarray, num_levels: int) -> dict[str, int]:
     ``elias`` is omitted above :data:`ELIAS_MAX_AUTO` symbols and when its lower bound (8 + 3
     bits per non-zero) cannot beat the others.
     """
-    n = symbols.size
-    sizes = {"fixed": CODECS["fixed"].size(n, num_levels)}
-    if n == 0:
-        return {name: 0 for name in AUTO_CANDIDATES}
-    model = CountsModel.from_values(to_values(symbols, num_levels), 2 * num_levels - 1)
-    sizes["zstd"] = len(CODECS["zstd"].encode(symbols, num_levels))
-    sizes["ans"] = CODECS["ans"].size_estimate(model)
-    zero_value = num_levels - 1
-    at = np.searchsorted(model.present, zero_value)
-    zeros = int(model.counts[at]) if at < model.present.size and model.present[at] == zero_value else 0
-    if n <= ELIAS_MAX_AUTO and 8 + -(-3 * (n - zeros) // 8) < min(sizes.values()):
-        sizes["elias"] = elias_size(symbols)
-    return sizes
+    return {name: size for name, (size, _) in _Candidates(symbols, num_levels).all().items()}
+
+
+class _Candidates:
+    """Sizes of one segment's candidates, each computed at most once, on demand.
+
+    ``zstd``'s size is its real frame, kept so that encoding with zstd costs nothing more;
+    ``ans``'s needs the value counts (one pass), also computed at most once.
+    """
+
+    def __init__(self, symbols: np.ndarray, num_levels: int) -> None:
+        self.symbols, self.num_levels, self.n = symbols, num_levels, symbols.size
+        self._model: CountsModel | None = None
+        self.found: dict[str, tuple[int, bytes | None]] = {}
+
+    def model(self) -> CountsModel:
+        if self._model is None:
+            self._model = CountsModel.from_values(to_values(self.symbols, self.num_levels),
+                                                  2 * self.num_levels - 1)
+        return self._model
+
+    def size(self, name: str) -> int | None:
+        """Size of ``name``'s body, or None where it is not a candidate (elias, see above)."""
+        if name in self.found:
+            return self.found[name][0]
+        if self.n == 0:
+            self.found[name] = (0, b"")
+        elif name == "fixed":
+            self.found[name] = (CODECS["fixed"].size(self.n, self.num_levels), None)
+        elif name == "zstd":
+            body = CODECS["zstd"].encode(self.symbols, self.num_levels)
+            self.found[name] = (len(body), body)
+        elif name == "ans":
+            self.found[name] = (CODECS["ans"].size_estimate(self.model()), None)
+        else:  # elias: exact, but only short segments whose lower bound can still win
+            if self.n > ELIAS_MAX_AUTO:
+                return None
+            model = self.model()
+            zero_value = self.num_levels - 1
+            at = np.searchsorted(model.present, zero_value)
+            zeros = (int(model.counts[at]) if at < model.present.size
+                     and model.present[at] == zero_value else 0)
+            others = [self.size(c) for c in ("fixed", "zstd", "ans")]
+            if 8 + -(-3 * (self.n - zeros) // 8) >= min(others):
+                return None
+            self.found[name] = (elias_size(self.symbols), None)
+        return self.found[name][0]
+
+    def all(self) -> dict[str, tuple[int, bytes | None]]:
+        for name in AUTO_CANDIDATES:
+            self.size(name)
+        return {name: self.found[name] for name in AUTO_CANDIDATES if name in self.found}
 
 
 def choose_codec(
@@ -94,14 +133,44 @@ def choose_codec(
         speeds: ``{codec: (encode_ns, decode_ns)}`` per symbol; defaults to
             :data:`DEFAULT_NS_PER_SYMBOL`.
     """
-    sizes = estimate_sizes(symbols, num_levels)
+    return choose_and_encode(symbols, num_levels, bandwidth, speeds)[0]
+
+
+def choose_and_encode(
+    symbols: np.ndarray,
+    num_levels: int,
+    bandwidth: float | None = None,
+    speeds: Mapping[str, tuple[float, float]] | None = None,
+) -> tuple[str, bytes | None]:
+    """:func:`choose_codec`, plus the body when computing the size already made it (zstd).
+
+    With ``bandwidth``, a candidate whose cost cannot beat the best so far even at size 0
+    (``numel * (encode_ns + decode_ns)``) is never sized: on a fast link that skips compressing
+    with zstd or counting the values for ANS, which would cost more than the choice saves. The
+    pruning is exact: the same codec wins as when every size is computed.
+    """
+    cands = _Candidates(symbols, num_levels)
     if bandwidth is None:
-        return min(sizes, key=lambda name: (sizes[name], AUTO_CANDIDATES.index(name)))
+        found = cands.all()
+        name = min(found, key=lambda c: (found[c][0], AUTO_CANDIDATES.index(c)))
+        return name, found[name][1]
     table = DEFAULT_NS_PER_SYMBOL if speeds is None else speeds
     n = symbols.size
 
-    def cost(name: str) -> tuple[float, int]:
+    def floor(name: str) -> tuple[float, int]:  # cost at size 0
         enc, dec = table[name]
-        return sizes[name] / bandwidth + n * (enc + dec) * 1e-9, AUTO_CANDIDATES.index(name)
+        return n * (enc + dec) * 1e-9, AUTO_CANDIDATES.index(name)
 
-    return min(sizes, key=cost)
+    best: tuple[float, int] | None = None
+    best_name = AUTO_CANDIDATES[0]
+    for name in sorted(AUTO_CANDIDATES, key=floor):
+        low = floor(name)
+        if best is not None and low > best:
+            break  # sorted by floor: no later candidate can win either
+        size = cands.size(name)
+        if size is None:
+            continue
+        cost = (size / bandwidth + low[0], low[1])
+        if best is None or cost < best:
+            best, best_name = cost, name
+    return best_name, cands.found[best_name][1]

@@ -87,7 +87,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qoda_hvd.coding.auto import choose_codec
+from qoda_hvd.coding.auto import choose_and_encode
 from qoda_hvd.coding.codecs import CODEC_BY_ID, CODECS, CodecError, ZstdCodec
 from qoda_hvd.errors import PayloadError
 
@@ -406,12 +406,13 @@ def encode_bytes(
     seg_table = np.zeros(len(segments), dtype=_SEGMENT_DTYPE)
     offset = 0
     for i, seg in enumerate(segments):
-        name = names[i]
-        if name == "auto":
-            name = choose_codec(seg.symbols, seg.num_levels, bandwidth, speeds)
+        name, code = names[i], None
+        if name == "auto":  # sizing zstd made its level-1 body: reuse it rather than compress twice
+            name, code = choose_and_encode(seg.symbols, seg.num_levels, bandwidth, speeds)
         coder = zstd if name == "zstd" else CODECS[name]
+        if code is None or coder is not CODECS[name]:
+            code = coder.encode(seg.symbols, seg.num_levels)
         norms = seg.norms.astype("<f4", copy=False).tobytes()
-        code = coder.encode(seg.symbols, seg.num_levels)
         parts += (norms, code)
         length = len(norms) + len(code)
         seg_table[i] = (seg.layer_id, seg.type_id, coder.codec_id, 0, seg.bucket_size, seg.numel,

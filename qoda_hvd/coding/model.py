@@ -58,7 +58,10 @@ class CountsModel:
     @classmethod
     def from_values(cls, values: np.ndarray, alphabet: int) -> CountsModel:
         """Count the uint8 ``values`` (each < alphabet)."""
-        hist = np.bincount(values, minlength=alphabet)
+        import torch  # its bincount reads uint8 as is; numpy's first widens to int64 (4x slower)
+
+        hist = torch.bincount(torch.from_numpy(np.ascontiguousarray(values, dtype=np.uint8)),
+                              minlength=alphabet).numpy()
         present = np.flatnonzero(hist)
         return cls(alphabet, present, hist[present].astype(np.int64))
 

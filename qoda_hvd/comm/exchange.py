@@ -273,8 +273,7 @@ class LayerwiseExchange:
             qt = QuantizedTensor(torch.from_numpy(seg.symbols).to(out.device),
                                  torch.from_numpy(seg.norms).to(out.device),
                                  torch.Size([seg.numel]), torch.float32, seg.bucket_size, seg.num_levels)
-            values = q.dequantize(qt)
-            out.add_(values) if accumulate else out.copy_(values)
+            q.dequantize(qt, out=out, accumulate=accumulate)
         raw = torch.from_numpy(decoded.raw[0].values).to(raw_out.device)
         raw_out.add_(raw) if accumulate else raw_out.copy_(raw)
 

@@ -481,12 +481,15 @@ class Quantizer:
 
     # -- dequantize ---------------------------------------------------------------------
 
-    def dequantize(self, qt: QuantizedTensor, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def dequantize(self, qt: QuantizedTensor, *, out: Optional[torch.Tensor] = None,
+                   accumulate: bool = False) -> torch.Tensor:
         """Reconstruct ``norm * sign * levels[index]`` in ``qt``'s shape and dtype.
 
         Args:
             qt: a :class:`QuantizedTensor` made with these levels and bucket size.
             out: optional output tensor of ``qt.shape`` (any floating dtype, same device).
+            accumulate: add into ``out`` (required then) instead of overwriting it, chunk by
+                chunk, with no full-size temporary.
 
         Raises:
             PayloadError: a symbol is outside ``[-(L-1), L-1]`` or the level count differs.
@@ -497,7 +500,7 @@ class Quantizer:
             raise PayloadError(f"quantized with {qt.num_levels} levels, but this quantizer has {self.num_levels}")
         if qt.bucket_size != self.bucket_size:
             raise ValueError(f"qt.bucket_size={qt.bucket_size} differs from bucket_size={self.bucket_size}")
-        return dequantize(qt, self.levels, out=out, _quantizer=self)
+        return dequantize(qt, self.levels, out=out, accumulate=accumulate, _quantizer=self)
 
 
 def quantize(
@@ -528,6 +531,7 @@ def dequantize(
     levels: ArrayLike,
     *,
     out: Optional[torch.Tensor] = None,
+    accumulate: bool = False,
     _quantizer: Optional[Quantizer] = None,
 ) -> torch.Tensor:
     """Reconstruct a tensor from :class:`QuantizedTensor` and the levels it was made with.
@@ -536,6 +540,7 @@ def dequantize(
         qt: the quantized tensor.
         levels: its level sequence (``len(levels) == qt.num_levels``).
         out: optional output of ``qt.shape`` on the symbols' device.
+        accumulate: add the values into ``out`` (which must be given) instead of overwriting it.
 
     Raises:
         PayloadError: symbols outside ``[-(L-1), L-1]``, or ``len(levels) != qt.num_levels``.
@@ -557,6 +562,8 @@ def dequantize(
     device = qt.symbols.device
     n, bs, lv_n = qt.numel, qt.bucket_size, qt.num_levels
     if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs out= (the tensor to add into)")
         out = torch.empty(qt.shape, dtype=qt.dtype, device=device)
     elif out.shape != qt.shape or out.device != device or not out.is_floating_point():
         raise ValueError(f"out must be a floating tensor of shape {tuple(qt.shape)} on {device}")
@@ -566,14 +573,18 @@ def dequantize(
     if int(lo) < -(lv_n - 1) or int(hi) > lv_n - 1:
         raise PayloadError(f"symbols must be in [{-(lv_n - 1)}, {lv_n - 1}], got [{int(lo)}, {int(hi)}]")
     flat_out = out.view(-1) if out.is_contiguous() else None
-    target = flat_out if flat_out is not None else torch.empty(n, dtype=out.dtype, device=device)
+    if flat_out is not None:
+        target = flat_out
+    else:  # a non-contiguous out: work on a flat copy (holding its values when accumulating)
+        target = (out.reshape(-1).clone() if accumulate
+                  else torch.empty(n, dtype=out.dtype, device=device))
     ws = q._workspace(device, n)
     lut = q._tables_on(device)[3]
     step = 1.0 / (lv_n - 1)
     for start in range(0, n, ws.chunk):
         m = min(ws.chunk, n - start)
         sym = qt.symbols[start : start + m]
-        direct = target.dtype == torch.float32
+        direct = target.dtype == torch.float32 and not accumulate
         buf = target[start : start + m] if direct else ws.buf[:m]
         if q.uniform:
             buf.copy_(sym)
@@ -592,7 +603,9 @@ def dequantize(
             buf[: nfull * bs].view(nfull, bs).mul_(nrm.view(nfull, 1))
         if nfull * bs < m:  # partial last bucket
             buf[nfull * bs :].mul_(qt.norms[b0 + nfull] * scale_mul)
-        if not direct:
+        if accumulate:
+            target[start : start + m].add_(buf)
+        elif not direct:
             target[start : start + m].copy_(buf)
     if flat_out is None:
         out.copy_(target.view(qt.shape))

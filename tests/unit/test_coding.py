@@ -29,6 +29,7 @@ from qoda_hvd.coding import (
     inspect_payload,
 )
 from qoda_hvd.coding import bits
+from qoda_hvd.coding.auto import choose_and_encode
 from qoda_hvd.coding.codecs import elias_size
 from qoda_hvd.coding.model import CountsModel
 
@@ -278,6 +279,45 @@ def test_auto_choice_is_the_argmin_of_sizes():
             sizes = estimate_sizes(s, num_levels)
             order = ["fixed", "zstd", "ans", "elias"]
             assert choose_codec(s, num_levels) == min(sizes, key=lambda k: (sizes[k], order.index(k)))
+
+
+def test_auto_pruned_choice_equals_full_cost_rule():
+    # choose_codec skips sizing candidates that cannot win even at size 0; check it against the
+    # rule evaluated over every size, across links from 1 MB/s to 100 GB/s and speed tables.
+    rng = np.random.default_rng(9)
+    order = ["fixed", "zstd", "ans", "elias"]
+    tables = [DEFAULT_NS_PER_SYMBOL,
+              {"fixed": (1.0, 1.0), "zstd": (5.0, 5.0), "ans": (9.0, 9.0), "elias": (9.0, 9.0)},
+              {"fixed": (3.0, 3.0), "zstd": (1.0, 1.0), "ans": (0.0, 0.0), "elias": (1.0, 1.0)}]
+    seen = set()
+    for num_levels in (2, 8, 128):
+        for kind in ("sparse", "uniform", "zeros", "extreme"):
+            for n in (0, 1000, 40_000, 70_000):
+                s = make_symbols(rng, n, num_levels, kind) if n else np.zeros(0, np.int8)
+                sizes = estimate_sizes(s, num_levels)
+                for speeds in tables:
+                    for bw in (1e6, 1e7, 1e8, 1e9, 1e10, 1e11):
+                        want = min(sizes, key=lambda k: (sizes[k] / bw + n * sum(speeds[k]) * 1e-9,
+                                                         order.index(k)))
+                        got = choose_codec(s, num_levels, bandwidth=bw, speeds=speeds)
+                        assert got == want, (num_levels, kind, n, speeds, bw, sizes)
+                        seen.add(got)
+    assert seen == set(order)  # the cases reach every codec
+
+
+def test_auto_encode_reuses_the_zstd_body_it_sized():
+    run = np.zeros(100_000, np.int8)
+    run[:10_000] = 1
+    name, body = choose_and_encode(run, 2)
+    assert name == "zstd" and body == CODECS["zstd"].encode(run, 2)
+    # Fixed is cheapest even before zstd's size is known: zstd is never run, no body comes back.
+    fast_fixed = {"fixed": (1.0, 1.0), "zstd": (5.0, 5.0), "ans": (9.0, 9.0), "elias": (9.0, 9.0)}
+    assert choose_and_encode(run, 2, bandwidth=1e12, speeds=fast_fixed) == ("fixed", None)
+    # A payload encoded through auto decodes to the same symbols at both zstd levels.
+    for level in (1, 3):
+        payload = encode([Segment(0, 0, run.size, 1024, run, np.ones(98, np.float32), 2)],
+                         {0: uniform_levels(2)}, zstd_level=level)
+        np.testing.assert_array_equal(decode(payload).segments[0].symbols, run)
 
 
 # --------------------------------------------------------------------------- golden bytes

@@ -212,6 +212,25 @@ def test_dequantize_rejects_corrupt_input():
         QuantizedTensor(good.symbols.int(), good.norms, good.shape, good.dtype, 1024, 4)
 
 
+@pytest.mark.parametrize("levels", [uniform_levels(4), exponential_levels(8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dequantize_accumulate_adds_into_out(levels, dtype):
+    g = torch.Generator().manual_seed(4)
+    q = Quantizer(levels, bucket_size=100, chunk_size=300)  # several chunks, a partial bucket
+    qt = q.quantize(torch.randn(1050, generator=g), g)
+    base = torch.randn(1050, generator=g, dtype=dtype)
+    want = base + q.dequantize(qt).to(dtype)
+    out = base.clone()
+    assert q.dequantize(qt, out=out, accumulate=True) is out
+    torch.testing.assert_close(out, want)
+    strided = torch.zeros(1050, 2, dtype=dtype)[:, 0]  # non-contiguous out keeps its values too
+    strided.copy_(base)
+    q.dequantize(qt, out=strided, accumulate=True)
+    torch.testing.assert_close(strided, want)
+    with pytest.raises(ValueError, match="accumulate=True needs out="):
+        q.dequantize(qt, accumulate=True)
+
+
 def test_optimal_levels_reduce_measured_error():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(64 * 1024, generator=g)
