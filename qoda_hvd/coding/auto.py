@@ -20,7 +20,11 @@ Rule (documented contract; tests pin it):
   with ``bench/bench_codec.py``). So on a fast link the fastest codec wins (``zstd`` or
   ``fixed`` with the default table: ANS costs more time than the bytes it saves), and on a slow
   one the smallest payload wins. The crossover for ANS over zstd is where the bytes saved per
-  symbol, divided by the bandwidth, exceed ANS's extra ~28 ns/symbol.
+  symbol, divided by the bandwidth, exceed ANS's extra ~28 ns/symbol. Candidates are sized
+  cheapest-floor first, and one whose cost at size 0 already loses is never sized: on a fast
+  link ``auto`` neither counts values for ANS nor compresses with zstd just to find out
+  (exact: the same codec wins as when every size is computed).
+* The zstd body made while sizing is the one sent (:func:`choose_and_encode`): no second pass.
 
 Example::
 
