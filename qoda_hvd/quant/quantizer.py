@@ -35,7 +35,9 @@ How it is computed (one code path for CPU and CUDA, float32/float16/bfloat16 inp
 * On CPU the tensor is processed in chunks of whole buckets (64K elements by default) whose
   float32 intermediates stay in the L2 cache and are reused across chunks and calls
   (per thread, per device); on CUDA one chunk covers the tensor. There is no Python loop over
-  elements or buckets.
+  elements or buckets. A CPU chunk with at most a quarter of its buckets non-zero (an embedding's
+  gradient: only the batch's tokens have non-zero rows) rounds, and dequantizes, only those
+  buckets, gathered; the others are zero symbols without drawing noise.
 
 Non-finite input policy (``nonfinite=``): ``"raise"`` (default) raises :class:`ValueError` naming
 the first bad bucket; ``"propagate"`` sends those buckets with a NaN/Inf norm and zero symbols, so
@@ -87,6 +89,7 @@ NORMS = {"l2": 2.0, "linf": float("inf")}
 NONFINITE_POLICIES = ("raise", "propagate")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _CPU_CHUNK = 1 << 16  # elements; ~11 bytes/element of working set -> ~0.7 MB, fits in L2
+_SPARSE_SHARE = 4  # a CPU chunk with at most 1/4 of its buckets non-zero rounds only those
 _ONE_BITS = 0x3F800000  # float32 bit pattern of 1.0
 _CELL_SHIFTS = range(23, 12, -1)  # cell grids tried, coarsest first: 1 .. 2^10 cells per binade
 _MAX_CELL_STEPS = 2  # more steps cost as much as bucketize's search
@@ -407,8 +410,41 @@ class Quantizer:
         if self.uniform:
             scale.mul_(lv_n - 1)
         scale = scale.nan_to_num_(0.0, 0.0, 0.0).view(nb, 1)
-        cpu = x.device.type == "cpu"
-        shift, slope, offset, _ = self._tables_on(x.device)
+        dst = symbols[start : start + m]
+        if x.device.type == "cpu":  # on CUDA the count would cost a device sync per call
+            live = int(torch.count_nonzero(scale))
+            if live * _SPARSE_SHARE <= nb:
+                self._round_sparse(xb, scale, live, dst, ws, generator)
+                return
+        self._round(xb, scale, dst, ws, generator)
+
+    def _round_sparse(self, xb, scale, live, dst, ws, generator) -> None:
+        """Round only the buckets with a non-zero scale; the others are zero symbols.
+
+        Mostly-zero chunks are common: an embedding's gradient has non-zero rows only for the
+        tokens of the batch. Rounding the few live buckets gathered together costs a fraction of
+        rounding the whole chunk (the noise of zero buckets is never needed)."""
+        nb, bs = xb.shape
+        sub = None
+        if live:
+            rows = scale.view(-1).nonzero().view(-1)
+            sub = torch.empty(live * bs, dtype=torch.int8)
+            self._round(xb.index_select(0, rows), scale.index_select(0, rows), sub, ws, generator)
+        pad = ws.u8[: nb * bs].view(torch.int8)  # free again once _round is done with it
+        pad.zero_()
+        if sub is not None:
+            pad.view(nb, bs).index_copy_(0, rows, sub.view(live, bs))
+        dst.copy_(pad[: dst.numel()])
+
+    def _round(self, xb, scale, dst, ws, generator) -> None:
+        """Stochastically round the buckets ``xb`` [nb, bs] scaled by ``scale`` [nb, 1] into the
+        int8 symbols ``dst`` (its length may stop short of ``nb * bs``: a padded last bucket)."""
+        lv_n = self.num_levels
+        nb, bs = xb.shape
+        mp, m = nb * bs, dst.numel()
+        buf = ws.buf[:mp].view(nb, bs)
+        cpu = xb.device.type == "cpu"
+        shift, slope, offset, _ = self._tables_on(xb.device)
         u8 = ws.u8[:mp]
         if self.uniform:
             # z = v (L-1)/||v|| + L + r in (0, 2L); trunc(z) - L = floor(v (L-1)/||v|| + r).
@@ -416,7 +452,7 @@ class Quantizer:
             self._add_noise(buf, ws, generator)
             buf.clamp_(1.0, 2.0 * lv_n - 1.0)
             u8.copy_(buf.view(-1))
-            torch.sub(u8[:m], lv_n, out=symbols[start : start + m].view(torch.uint8))
+            torch.sub(u8[:m], lv_n, out=dst.view(torch.uint8))
             return
         torch.abs(xb, out=buf)
         buf.mul_(scale)  # u in [0, 1] (up to rounding)
@@ -446,7 +482,7 @@ class Quantizer:
         buf.clamp_(0.0, lv_n - 1.0)
         torch.copysign(buf, xb, out=buf)
         # Float -> int8 truncates toward zero: sign * floor(t + r).
-        symbols[start : start + m].copy_(flat_buf[:m])
+        dst.copy_(flat_buf[:m])
 
     @staticmethod
     def _add_noise(buf: torch.Tensor, ws: _Workspace, generator: torch.Generator) -> None:
@@ -581,8 +617,12 @@ def dequantize(
     ws = q._workspace(device, n)
     lut = q._tables_on(device)[3]
     step = 1.0 / (lv_n - 1)
+    cpu = device.type == "cpu"
     for start in range(0, n, ws.chunk):
         m = min(ws.chunk, n - start)
+        if cpu and m % bs == 0 and _dequantize_sparse(qt, start, m, target, lut, step, q.uniform,
+                                                      accumulate):
+            continue
         sym = qt.symbols[start : start + m]
         direct = target.dtype == torch.float32 and not accumulate
         buf = target[start : start + m] if direct else ws.buf[:m]
@@ -610,3 +650,28 @@ def dequantize(
     if flat_out is None:
         out.copy_(target.view(qt.shape))
     return out
+
+
+def _dequantize_sparse(qt: QuantizedTensor, start: int, m: int, target: torch.Tensor,
+                       lut: torch.Tensor, step: float, uniform: bool, accumulate: bool) -> bool:
+    """Dequantize one CPU chunk of whole buckets through its non-zero-norm buckets only, when
+    at most 1/4 of them are (zero-norm buckets hold zeros: nothing to add). False: not sparse."""
+    bs = qt.bucket_size
+    nb = m // bs
+    nrm = qt.norms[start // bs : start // bs + nb]
+    live = int(torch.count_nonzero(nrm))
+    if live * _SPARSE_SHARE > nb:
+        return False
+    out = target[start : start + m].view(nb, bs)
+    if not accumulate:
+        out.zero_()
+    if live:
+        rows = nrm.nonzero().view(-1)
+        sym = qt.symbols[start : start + m].view(nb, bs).index_select(0, rows)
+        if uniform:
+            vals = sym.to(torch.float32).mul_(step)
+        else:
+            vals = lut.index_select(0, sym.view(torch.uint8).view(-1).to(torch.int32)).view(live, bs)
+        vals.mul_(nrm.index_select(0, rows).view(live, 1))
+        out.index_add_(0, rows, vals.to(out.dtype))
+    return True

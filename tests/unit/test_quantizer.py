@@ -231,6 +231,44 @@ def test_dequantize_accumulate_adds_into_out(levels, dtype):
         q.dequantize(qt, accumulate=True)
 
 
+@pytest.mark.parametrize("levels", [uniform_levels(4), exponential_levels(8)])
+def test_mostly_zero_chunks_round_only_live_buckets(levels):
+    # An embedding-like gradient: 3 of 64 buckets per chunk non-zero (the sparse path), one chunk
+    # dense, a partial last bucket. Buckets holding one non-zero value quantize exactly to
+    # +-(L-1); the others stay unbiased; zero buckets give zero symbols.
+    bs, lv_n = 64, len(levels)
+    q = Quantizer(levels, bucket_size=bs, chunk_size=64 * bs)
+    g = torch.Generator().manual_seed(7)
+    x = torch.zeros(4 * 64 * bs + 40)
+    live = torch.tensor([3, 17, 60, 64 + 5, 128 + 33, 3 * 64 + 2, 4 * 64])
+    for b, v in zip(live[:3].tolist(), (1.5, -2.5, 0.75)):
+        x[b * bs + 7] = v  # single spikes: deterministic symbols
+    for b in live[3:].tolist():
+        x[b * bs : (b + 1) * bs] = torch.randn(bs, generator=g)[: x[b * bs : (b + 1) * bs].numel()]
+    x[2 * 64 * bs : 3 * 64 * bs] = torch.randn(64 * bs, generator=g)  # a dense chunk
+    qt = q.quantize(x, g)
+    sym = qt.symbols
+    assert sym[[3 * bs + 7, 17 * bs + 7, 60 * bs + 7]].tolist() == [lv_n - 1, -(lv_n - 1), lv_n - 1]
+    nonzero_x = (x != 0)
+    assert not sym[~nonzero_x].any()
+    # Dequantize (sparse chunks take their own path too) against norm * sign * level[|symbol|].
+    lv = torch.as_tensor(levels, dtype=torch.float32)
+    ref = torch.sign(sym.float()) * lv[sym.abs().long()] * qt.norms.repeat_interleave(bs)[: x.numel()]
+    torch.testing.assert_close(q.dequantize(qt), ref)
+    base = torch.randn(x.shape, generator=g)
+    torch.testing.assert_close(q.dequantize(qt, out=base.clone(), accumulate=True), base + ref)
+    mean = torch.zeros_like(x, dtype=torch.float64)
+    draws = 400
+    for _ in range(draws):
+        mean += q.dequantize(q.quantize(x, g)).double()
+    mean /= draws
+    # Unbiased: each coordinate's mean is within 5 sigma, sigma <= gap * norm / 2 / sqrt(draws).
+    gap = float(torch.diff(torch.as_tensor(levels, dtype=torch.float64)).max())
+    norm = qt.norms.double().repeat_interleave(bs)[: x.numel()]
+    sigma = gap * norm / 2 / draws**0.5
+    assert bool(((mean - x.double()).abs() <= 5 * sigma + 1e-6).all())
+
+
 def test_optimal_levels_reduce_measured_error():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(64 * 1024, generator=g)
