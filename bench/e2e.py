@@ -9,7 +9,8 @@ every method in turn on the same models (see ``bench/e2e_worker.py`` for what ea
    quantizer (``types={"*": "feedforward"}``, ``levels="optimal"``), two exchanges per iteration
    (Q-GenX style);
 4. ``qoda_allgather`` / ``qoda_scatter_gather``: QODA with layer-wise quantization and entropy
-   coding (ours), one exchange per iteration, both exchange strategies.
+   coding (ours), one exchange per iteration, both exchange strategies; and ``qoda_fallback``,
+   the same with ``fallback=True`` (measures both paths in its first exchanges, keeps the faster).
 
 Models: a WGAN-GP with ResNet G/D at CIFAR size (32x32x3; the builders of examples/wgan_gp.py
 when that file provides them, else a labelled stand-in) and a communication-heavy transformer
@@ -59,12 +60,13 @@ METHOD_LABELS = {
     "eg_global": "(3) EG, global quantizer, 2 exch.",
     "qoda_allgather": "(4) QODA layer-wise, allgather",
     "qoda_scatter_gather": "(4) QODA layer-wise, scatter_gather",
+    "qoda_fallback": "(4) QODA, fallback",
     "qoda_layerwise": "(4) QODA layer-wise",
 }
 
 _COMMON = {"bits": 4, "levels": "optimal", "coding": "auto",
            "methods": ["hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather",
-                       "qoda_scatter_gather"],
+                       "qoda_scatter_gather", "qoda_fallback"],
            "vi_methods": ["hvd_fp32", "eg_global", "qoda_layerwise"]}
 
 #: Sizes per mode. Full: the WGAN-GP at the paper's width (128 filters, latent 128; 2.2M
@@ -152,8 +154,13 @@ def step_table(runs: list[dict], model: str) -> list[str]:
                 continue
             wire = None if r.get("wire_tx_bytes") is None else r["wire_tx_bytes"]
             bits = r.get("bits_per_coordinate")
+            label = METHOD_LABELS[name]
+            if name == "qoda_fallback" and r.get("sends"):
+                label += " -> fp32" if r["sends"] == "fp32" else " -> quantized"
+                if r["sends"] == "fp32":
+                    bits = 32.0  # the cumulative count mixes in the probe's quantized calls
             lines.append(
-                f"{run['nodes']:>5} {run['bandwidth']:>8} {METHOD_LABELS[name]:<36} "
+                f"{run['nodes']:>5} {run['bandwidth']:>8} {label:<36} "
                 f"{_ms(r['step_s']):>8} {base / r['step_s']:>6.2f}x {_mb(r['bytes_sent']):>8} "
                 f"{_mb(wire):>8} {_ms(r['compute_s']):>8} {_ms(r['qenc_s']):>7} "
                 f"{_ms(r['exchange_s']):>7} {_ms(r['decode_s']):>7} "
@@ -209,6 +216,11 @@ def goals(runs: list[dict]) -> list[str]:
             else:
                 lines.append(f"  {tag} fp32 comm {share:.0%} (< 60%, goal n/a): {vs1:.2f}x vs "
                              f"(1), {vs3:.2f}x vs (3)")
+            fb = res.get("qoda_fallback")
+            if fb is not None:  # reported apart: it may not be quantizing at all
+                lines.append(f"  {'':<{len(tag)}} with fallback (sent {fb.get('sends') or '?'}): "
+                             f"{fp32['step_s'] / fb['step_s']:.2f}x vs (1), time "
+                             f"{fb['step_s'] / fp32['step_s']:.2f} of (1)")
     return lines
 
 

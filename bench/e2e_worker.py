@@ -15,7 +15,10 @@ What it measures, per model (a WGAN-GP at CIFAR size and a communication-heavy t
 - ``eg_global``: ``qoda_hvd.DistributedOptimizer(ExtraGradient)`` with ONE quantizer for every
   tensor (``types={"*": "feedforward"}``), two gradients and two exchanges per iteration;
 - ``qoda_allgather`` / ``qoda_scatter_gather``: ``qoda_hvd.DistributedOptimizer(QODA)`` with
-  layer-wise quantization (types from the model) and entropy coding, one exchange per iteration.
+  layer-wise quantization (types from the model) and entropy coding, one exchange per iteration;
+- ``qoda_fallback``: the same (``exchange="auto"``) with ``fallback=True``: exchanges 1-3 timed
+  quantized and 5-7 as one float32 allreduce, then all ranks keep the faster (so it warms up 8
+  iterations); its row says what it ended up sending.
 
 Both quantized methods use the same bits, level family (``optimal``), bucket size and codec
 policy (``coding="auto"`` told the link rate), so they differ only in the typing and in the
@@ -45,7 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WGAN_EXAMPLE = ROOT / "examples" / "wgan_gp.py"
 
 #: Methods of the per-step comparison, in table order.
-STEP_METHODS = ("hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather", "qoda_scatter_gather")
+STEP_METHODS = ("hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather", "qoda_scatter_gather",
+                "qoda_fallback")
+#: Warm-up iterations a method needs before its steady state is timed (the fallback's probe).
+MIN_WARMUP = {"qoda_fallback": 8}
 #: Methods of the time-to-target comparison.
 VI_METHODS = ("hvd_fp32", "eg_global", "qoda_layerwise")
 
@@ -329,7 +335,8 @@ class Method:
             exchange = {"qoda_allgather": "allgather", "qoda_scatter_gather": "scatter_gather"}.get(
                 name, "auto")
             comp = qoda_hvd.Compression.layerwise(bits=bits, levels=levels, coding=cfg["coding"],
-                                                  types=types, bandwidth=link_bytes_per_s)
+                                                  types=types, bandwidth=link_bytes_per_s,
+                                                  fallback=name == "qoda_fallback")
             self.opt = qoda_hvd.DistributedOptimizer(base, named_parameters=named,
                                                      compression=comp, exchange=exchange)
             self.kind = "qoda"
@@ -352,7 +359,7 @@ class Method:
         return {"qenc": s["time_quantize_s"] + s["time_encode_s"], "exch": s["time_exchange_s"],
                 "dec": s["time_decode_s"], "sent": s["bytes_sent"], "recv": s["bytes_received"],
                 "exchanges": s["exchanges"], "bits": s["bits_per_coordinate"],
-                "strategy": s["strategy"]}
+                "strategy": s["strategy"], "sends": s.get("sends")}
 
 
 def time_methods(methods: list, warmup: int, steps: int, wire: bool) -> list[dict]:
@@ -362,7 +369,7 @@ def time_methods(methods: list, warmup: int, steps: int, wire: bool) -> list[dic
     import horovod.torch as hvd
 
     for method, oracle in methods:
-        for _ in range(warmup):
+        for _ in range(max(warmup, MIN_WARMUP.get(method.name, 0))):
             method.iterate(oracle)
     records = [{"rows": []} for _ in methods]
     for _ in range(steps):
@@ -383,7 +390,7 @@ def time_methods(methods: list, warmup: int, steps: int, wire: bool) -> list[dic
             rec["rows"].append(row)
     for (method, _), rec in zip(methods, records):
         last = method.phase_times()
-        rec.update(bits=last.get("bits"), strategy=last.get("strategy"))
+        rec.update(bits=last.get("bits"), strategy=last.get("strategy"), sends=last.get("sends"))
     return records
 
 
@@ -400,7 +407,8 @@ def summarise(per_rank: list[dict], name: str, numel: int, k: int, compute_s: Op
 
     out = {"method": name, "step_s": step_time, "numel": numel, "steps_timed": steps,
            "exchanges_per_iteration": 2 if extragradient else 1,
-           "bits_per_coordinate": per_rank[0].get("bits"), "strategy": per_rank[0].get("strategy")}
+           "bits_per_coordinate": per_rank[0].get("bits"), "strategy": per_rank[0].get("strategy"),
+           "sends": per_rank[0].get("sends")}
     if name == "compute":
         out.update(compute_s=step_time, qenc_s=0.0, exchange_s=0.0, decode_s=0.0,
                    bytes_sent=0, bytes_received=0, bytes_source="no communication")

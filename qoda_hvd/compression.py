@@ -141,7 +141,7 @@ def layerwise(bits: Optional[int] = None, levels: str = "optimal", coding: Optio
               types: Any = None, bucket_size: Optional[int] = None, min_numel: int = 1024,
               norm: str = "l2", schedule: tuple = (0, 200, 1000, 5000), every: int = 10_000,
               allocate: bool = False, bandwidth: Optional[float] = None,
-              seed: Optional[int] = None) -> LayerwiseCompressor:
+              fallback: bool = False, seed: Optional[int] = None) -> LayerwiseCompressor:
     """Layer-wise quantization with entropy coding (see :class:`~qoda_hvd.config.LayerwiseConfig`).
 
     Args:
@@ -158,6 +158,8 @@ def layerwise(bits: Optional[int] = None, levels: str = "optimal", coding: Optio
         schedule, every: when levels are re-optimised.
         allocate: pick the number of levels per type under a variance budget.
         bandwidth: link bytes/s, lets ``coding="auto"`` weigh codec speed against size.
+        fallback: time exchanges 1-3 quantized and 5-7 as one float32 allreduce, then all
+            ranks keep the faster (compression does not pay on a fast link or a slow codec).
         seed: seed of the rounding noise (default 0, or ``QODA_SEED``); mixed with the rank.
 
     Example::
@@ -173,7 +175,7 @@ def layerwise(bits: Optional[int] = None, levels: str = "optimal", coding: Optio
         bits=given(bits, QODA_BITS, 4), levels=levels, coding=given(coding, QODA_CODING, "auto", str),
         types=types, bucket_size=given(bucket_size, QODA_BUCKET_SIZE, 1024), min_numel=min_numel,
         norm=norm, schedule=tuple(schedule), every=every, allocate=allocate, bandwidth=bandwidth,
-        seed=given(seed, QODA_SEED, 0))
+        fallback=fallback, seed=given(seed, QODA_SEED, 0))
     return LayerwiseCompressor(config)
 
 

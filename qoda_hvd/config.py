@@ -76,6 +76,9 @@ class LayerwiseConfig:
         every: and every ``every`` steps after the schedule (0: never).
         allocate: choose the number of levels per type under a variance budget (L-GreCo style).
         bandwidth: link bandwidth in bytes/s, for ``coding="auto"`` to weigh codec speed.
+        fallback: time the first exchanges both ways (quantized, then float32) and keep the
+            faster for the rest of training, all ranks alike; see
+            :mod:`qoda_hvd.comm.exchange`.
         seed: seed of the rounding noise, mixed with the rank (``QODA_SEED``).
     """
 
@@ -90,6 +93,7 @@ class LayerwiseConfig:
     every: int = 10_000
     allocate: bool = False
     bandwidth: Optional[float] = None
+    fallback: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -104,6 +108,8 @@ class LayerwiseConfig:
         if self.bandwidth is not None and not (isinstance(self.bandwidth, (int, float))
                                                and self.bandwidth > 0):
             raise ValueError(f"bandwidth must be a positive number of bytes/s, got {self.bandwidth!r}")
+        if not isinstance(self.fallback, bool):
+            raise TypeError(f"fallback must be a bool, got {type(self.fallback).__name__}")
         sched = tuple(self.schedule)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sched):
             raise ValueError(f"schedule must be non-negative step numbers, got {list(sched)}")

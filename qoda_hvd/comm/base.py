@@ -2,7 +2,9 @@
 
 - :meth:`Communicator.allgather`: every rank's uint8 payload (lengths differ) to every rank;
 - :meth:`Communicator.alltoall`: chunk ``j`` of every rank to rank ``j`` (reduce-scatter step);
-- :meth:`Communicator.allreduce_sum`: a small float tensor, summed (level agreement only).
+- :meth:`Communicator.allreduce_sum`: a float tensor, summed (level agreement, the fallback's
+  probe); :meth:`Communicator.allreduce_sum_` in place (the float32/float16 gradient path of
+  ``Compression.none`` / ``fp16`` and of ``fallback``).
 
 Byte counts are logical: what the algorithm must move per rank, independent of how the backend
 routes it (ring, tree, shared memory). ``bytes_received`` is what bounds the time on a link.
@@ -107,12 +109,31 @@ class Communicator(abc.ABC):
             raise TypeError("allreduce_sum takes a float16, float32 or float64 torch.Tensor, got "
                             f"{getattr(tensor, 'dtype', type(tensor).__name__)}")
         out = self._allreduce_sum(tensor)
+        self._count_allreduce(tensor)
+        return out
+
+    def allreduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place :meth:`allreduce_sum` of a contiguous tensor (the float32 gradient path: no
+        second gradient-sized buffer). Returns ``tensor``."""
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in _REDUCIBLE:
+            raise TypeError("allreduce_sum_ takes a float16, float32 or float64 torch.Tensor, got "
+                            f"{getattr(tensor, 'dtype', type(tensor).__name__)}")
+        if not tensor.is_contiguous():
+            raise ValueError("allreduce_sum_ needs a contiguous tensor")
+        self._allreduce_sum_(tensor)
+        self._count_allreduce(tensor)
+        return tensor
+
+    def _count_allreduce(self, tensor: torch.Tensor) -> None:
         self.stats.collectives += 1
         self.stats.allreduces += 1
         nbytes = tensor.numel() * tensor.element_size()
         self.stats.bytes_sent += 2 * (self.size - 1) * nbytes // max(self.size, 1)
         self.stats.bytes_received += 2 * (self.size - 1) * nbytes // max(self.size, 1)
-        return out
+
+    def _allreduce_sum_(self, tensor: torch.Tensor) -> None:
+        """In place; backends with a native in-place allreduce override this copy."""
+        tensor.copy_(self._allreduce_sum(tensor))
 
     @abc.abstractmethod
     def _allgather(self, payload: torch.Tensor) -> list[torch.Tensor]: ...

@@ -17,6 +17,14 @@ across ranks, and counts what it did in :class:`ExchangeStats`.
 
 Both count as ONE exchange per call. Level agreement adds one small allreduce on scheduled
 steps only (see :class:`qoda_hvd.quant.LayerwiseQuantizer`).
+
+``fallback=True``: quantizing and coding take CPU/GPU time, which pays only while the link is
+the bottleneck, and the float32 path has costs of its own (copies, no overlap with backward), so
+the choice is measured, not modelled. Calls 1-3 are timed quantized, calls 5-7 timed sending
+float32 (calls 0 and 4 warm each path up); at the end of call 7 every rank's two sums are added
+up in ONE small allreduce (once per run), and every rank (same sums, same branch) keeps the
+faster one: quantized, or one fused float32 allreduce per step as ``Compression.none``. The
+choice is kept in checkpoints.
 """
 from __future__ import annotations
 
@@ -126,19 +134,19 @@ class AllreduceExchange:
     """``Compression.none`` / ``fp16`` through the wrapper: ONE fused allreduce per step."""
 
     def __init__(self, params: Sequence[torch.Tensor], communicator: Communicator,
-                 average: bool = True, fp16: bool = False) -> None:
+                 average: bool = True, fp16: bool = False,
+                 stats: Optional[ExchangeStats] = None) -> None:
         self.comm = communicator
         self.average = average
         self.fused = FusedGradients([params], torch.float16 if fp16 else torch.float32)
-        self.stats = ExchangeStats()
+        self.stats = ExchangeStats() if stats is None else stats  # may count into another's
 
     def __call__(self) -> None:
         (buf,) = self.fused.gather()
         t0 = time.perf_counter()
-        total = self.comm.allreduce_sum(buf)  # float16 stays float16 on the wire
+        self.comm.allreduce_sum_(buf)  # in place; float16 stays float16 on the wire
         if self.average:
-            total.div_(self.comm.size)
-        buf.copy_(total)
+            buf.div_(self.comm.size)
         self.fused.scatter()
         st = self.stats
         st.exchange_s += time.perf_counter() - t0
@@ -159,6 +167,12 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+#: ``fallback``'s probe, in exchange calls: quantized calls timed, then float32 ones (the
+#: calls before each range warm that path up); the decision ends the last float32 call.
+_PROBE_QUANTIZED = range(1, 4)
+_PROBE_FP32 = range(5, 8)
+
+
 def _bounds(total: int, parts: int) -> list[int]:
     return [(j * total) // parts for j in range(parts + 1)]
 
@@ -176,6 +190,8 @@ class LayerwiseExchange:
         average: divide the sum by K (``op=Average``) or not (``op=Sum``).
         seed: rounding-noise seed, mixed with the rank.
         bandwidth: link bytes/s for ``coding="auto"``.
+        fallback: keep sending float32 (one allreduce) if, measured, it is faster than
+            compressing (module doc).
 
     Example::
 
@@ -194,7 +210,7 @@ class LayerwiseExchange:
     def __init__(self, typing: LayerTyping, named_parameters: Sequence[tuple[str, torch.Tensor]],
                  quantizer: LayerwiseQuantizer, communicator: Communicator,
                  strategy: str = "allgather", coding: str = "auto", average: bool = True,
-                 seed: int = 0, bandwidth: Optional[float] = None) -> None:
+                 seed: int = 0, bandwidth: Optional[float] = None, fallback: bool = False) -> None:
         self.typing = typing
         self.lq = quantizer
         self.comm = communicator
@@ -216,6 +232,16 @@ class LayerwiseExchange:
         self.step = 0
         self._decoders: dict[bytes, Quantizer] = {}
         self._update_deferred = False
+        self.fallback = fallback
+        #: ``"quantized"``, or ``"fp32"`` once ``fallback`` measured float32 to be faster.
+        self.sends = "quantized"
+        #: Whether ``fallback`` has decided (kept in checkpoints; a resumed run does not re-probe).
+        self.fallback_decided = False
+        #: Mean seconds per exchange call of each path over the probe, all ranks, once decided.
+        self.fallback_measured: Optional[dict[str, float]] = None
+        self._probe_calls = 0  # calls in this process while undecided (same on every rank)
+        self._probe_sums = [0.0, 0.0]  # seconds: quantized calls, float32 calls
+        self._plain: Optional[AllreduceExchange] = None
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -281,6 +307,43 @@ class LayerwiseExchange:
 
     def __call__(self) -> None:
         """Aggregate every rank's ``p.grad`` into every rank's ``p.grad`` (one exchange)."""
+        # Probe calls count from this process's first call: the same on every rank, also after
+        # a resume (an undecided checkpoint probes again).
+        probing = self.fallback and not self.fallback_decided
+        t0 = time.perf_counter()
+        if self.sends == "fp32" or (probing and self._probe_calls >= _PROBE_FP32.start - 1):
+            self._send_fp32()
+        else:
+            self._send_quantized()
+        if probing:
+            calls = self._probe_calls
+            if calls in _PROBE_QUANTIZED or calls in _PROBE_FP32:
+                self._probe_sums[calls in _PROBE_FP32] += time.perf_counter() - t0
+            if calls == _PROBE_FP32[-1]:
+                self._decide_fallback()
+            self._probe_calls += 1
+        self.step += 1
+
+    def _send_fp32(self) -> None:
+        if self._plain is None:
+            self._plain = AllreduceExchange(self.fused._params, self.comm, self.average,
+                                            stats=self.stats)
+        self._plain()
+
+    def _decide_fallback(self) -> None:
+        """ONE allreduce of every rank's probe sums: all ranks get the same totals, so they take
+        the same branch (one slow rank cannot decide alone)."""
+        total = self.comm.allreduce_sum(torch.tensor(self._probe_sums, dtype=torch.float64))
+        quantized = float(total[0]) / (self.comm.size * len(_PROBE_QUANTIZED))
+        fp32 = float(total[1]) / (self.comm.size * len(_PROBE_FP32))
+        self.fallback_measured = {"quantized_s": quantized, "fp32_s": fp32}
+        self.fallback_decided = True
+        if fp32 < quantized:
+            self.sends = "fp32"
+        else:
+            self._plain = None  # its float32 buffer is not needed any more
+
+    def _send_quantized(self) -> None:
         buffers = self.fused.gather()
         typed, raw = buffers[:-1], buffers[-1]
         # The noise is a function of (seed, rank, step) alone, so a run resumed from a
@@ -299,7 +362,6 @@ class LayerwiseExchange:
         self.fused.scatter()
         st.exchanges += 1
         st.coordinates += self.fused.numel
-        self.step += 1
 
     def _allgather(self, qts, typed, raw) -> None:
         st = self.stats

@@ -51,6 +51,10 @@ class HorovodCommunicator(Communicator):
         return hvd.allreduce(tensor, op=hvd.Sum, name=f"{self.prefix}.allreduce",
                              process_set=self.process_set)
 
+    def _allreduce_sum_(self, tensor):
+        hvd.allreduce_(tensor, op=hvd.Sum, name=f"{self.prefix}.allreduce",
+                       process_set=self.process_set)
+
 
 def reduce_op_name(op) -> str:
     """``"average"`` or ``"sum"`` for Horovod's ``hvd.Average`` / ``hvd.Sum`` (or those strings).

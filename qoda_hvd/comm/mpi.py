@@ -52,3 +52,8 @@ class MPICommunicator(Communicator):
         recv = np.empty_like(send)
         self.comm.Allreduce(send, recv, op=MPI.SUM)
         return torch.from_numpy(recv)
+
+    def _allreduce_sum_(self, tensor):
+        if tensor.dtype == torch.float16 or tensor.device.type != "cpu":
+            return super()._allreduce_sum_(tensor)
+        self.comm.Allreduce(MPI.IN_PLACE, tensor.detach().numpy(), op=MPI.SUM)

@@ -132,7 +132,7 @@ class _DistributedOptimizer:
                                            allocate=cfg.allocate)
             return LayerwiseExchange(typing, named, quantizer, comm,
                                      choose_strategy(strategy, comm.size), cfg.coding, average,
-                                     cfg.seed, cfg.bandwidth)
+                                     cfg.seed, cfg.bandwidth, cfg.fallback)
 
         if cfg.types == "auto":
             return AutoTypedExchange(named, comm, build, num_levels_for_bits(cfg.bits),
@@ -212,7 +212,8 @@ class _DistributedOptimizer:
         ``bytes_sent`` / ``bytes_received`` (logical, this rank, all collectives), their
         ``*_per_exchange`` means, ``time_quantize_s`` / ``time_encode_s`` /
         ``time_exchange_s`` / ``time_decode_s``, ``strategy``, ``level_updates``, and for
-        layer-wise compression ``types`` (name -> number of levels).
+        layer-wise compression ``types`` (name -> number of levels) and ``sends``
+        (``"quantized"``, or ``"fp32"`` once ``fallback`` has switched).
 
         Example::
 
@@ -243,6 +244,7 @@ class _DistributedOptimizer:
         if isinstance(layerwise, LayerwiseExchange):
             out["types"] = {name: int(layerwise.lq.levels(t).numel())
                             for t, name in enumerate(layerwise.typing.type_names)}
+            out["sends"] = layerwise.sends
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -252,7 +254,9 @@ class _DistributedOptimizer:
         layerwise = ex.inner if auto else ex
         if isinstance(layerwise, LayerwiseExchange):
             state[_STATE_KEY] = {"step": layerwise.step, "levels": layerwise.lq.state_dict(),
-                                 "typing": ex.typing_state() if auto else None}
+                                 "typing": ex.typing_state() if auto else None,
+                                 "sends": layerwise.sends,
+                                 "fallback_decided": layerwise.fallback_decided}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -268,6 +272,8 @@ class _DistributedOptimizer:
         if isinstance(ex, LayerwiseExchange):
             ex.step = int(extra["step"])
             ex.lq.load_state_dict(extra["levels"])
+            ex.sends = extra.get("sends", "quantized")
+            ex.fallback_decided = bool(extra.get("fallback_decided", False))
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,

@@ -40,6 +40,16 @@ def test_allreduce_sum(comm):
     assert out.tolist() == [float(comm.size), float(sum(range(comm.size)))]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_allreduce_sum_in_place(comm, dtype):
+    t = torch.tensor([0.5, float(comm.rank), -1.0], dtype=dtype)
+    before = comm.stats.allreduces
+    assert comm.allreduce_sum_(t) is t
+    assert t.dtype == dtype
+    assert t.tolist() == [0.5 * comm.size, float(sum(range(comm.size))), -float(comm.size)]
+    assert comm.stats.allreduces == before + 1
+
+
 def test_allreduce_sum_float16(comm):
     out = comm.allreduce_sum(torch.tensor([0.5, float(comm.rank)], dtype=torch.float16))
     assert out.dtype == torch.float16

@@ -39,6 +39,8 @@ def test_alltoall(size):
 def test_allreduce_sum():
     out = run_ranks(3, lambda r, c: c.allreduce_sum(torch.tensor([1.0, r], dtype=torch.float64)))
     assert all(o.tolist() == [3.0, 3.0] for o in out)
+    inplace = run_ranks(3, lambda r, c: c.allreduce_sum_(torch.tensor([1.0, r], dtype=torch.float32)))
+    assert all(o.tolist() == [3.0, 3.0] for o in inplace)
 
 
 @pytest.mark.parametrize("call, error, match", [
@@ -46,6 +48,7 @@ def test_allreduce_sum():
     (lambda c: c.allgather([1, 2]), TypeError, r"payload must be a torch.Tensor, got list"),
     (lambda c: c.alltoall([]), ValueError, r"one chunk per rank \(1\), got 0"),
     (lambda c: c.allreduce_sum(torch.zeros(2, dtype=torch.int32)), TypeError, r"float16, float32 or float64"),
+    (lambda c: c.allreduce_sum_(torch.zeros(4, 2)[:, 0]), ValueError, r"needs a contiguous tensor"),
 ])
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):

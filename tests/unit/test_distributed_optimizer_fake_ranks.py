@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 import warnings
 
 import pytest
@@ -396,3 +397,109 @@ class TestAutomaticTypes:
     def test_bad_types_string(self):
         with pytest.raises(ValueError, match=r"types must be None, 'auto', .* got 'manual'"):
             qoda_hvd.Compression.layerwise(types="manual")
+
+
+class TestFallback:
+    """``fallback=True``: exchanges 1-3 timed quantized, 5-7 as float32; one allreduce of every
+    rank's sums decides for all. Each test slows one path down (a sleep) so the choice is known."""
+
+    @staticmethod
+    def slow(monkeypatch, path, ranks=(0, 1), seconds=0.05):
+        from qoda_hvd.comm.exchange import LayerwiseExchange
+
+        name = {"quantized": "_send_quantized", "fp32": "_send_fp32"}[path]
+        original = getattr(LayerwiseExchange, name)
+
+        def slowed(self):
+            if self.comm.rank in ranks:
+                time.sleep(seconds)
+            return original(self)
+
+        monkeypatch.setattr(LayerwiseExchange, name, slowed)
+
+    @staticmethod
+    def run(steps=10, state=None):
+        comp = qoda_hvd.Compression.layerwise(fallback=True, **LAYERWISE)
+
+        def fn(r, c):
+            model = make_model()
+            opt = qoda_hvd.DistributedOptimizer(QODA(model.parameters(), lr=0.05),
+                                                model.named_parameters(), compression=comp,
+                                                communicator=c)
+            if state is not None:
+                opt.load_state_dict(state)
+            calls = []
+            for step in range(steps):
+                x, y = batch(r, step)
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                before = (c.stats.allgathers, c.stats.allreduces)
+                local = [p.grad.clone() for p in model.parameters()]
+                opt.synchronize()
+                calls.append(("allgather" if c.stats.allgathers > before[0] else "allreduce",
+                              c.stats.allreduces - before[1], opt.compression_stats()["sends"]))
+                with opt.skip_synchronize():
+                    opt.step()
+            return model, opt, local, [p.grad.clone() for p in model.parameters()], calls
+
+        return run_ranks(2, fn)
+
+    # call 0: quantized + level agreement (1 allreduce); 1-3 quantized; 4-7 float32 (1 allreduce
+    # each), 7 also the decision's allreduce; then the chosen path.
+    PROBE = [("allgather", 1, "quantized")] + [("allgather", 0, "quantized")] * 3 + \
+        [("allreduce", 1, "quantized")] * 3
+
+    def test_keeps_float32_when_quantizing_is_slower(self, monkeypatch):
+        self.slow(monkeypatch, "quantized")
+        out = self.run()
+        for model, opt, _, _, calls in out:
+            assert calls == self.PROBE + [("allreduce", 2, "fp32")] + [("allreduce", 1, "fp32")] * 2
+            measured = opt._exchange.fallback_measured
+            assert measured["fp32_s"] < measured["quantized_s"]
+        for a, b in zip(out[0][0].parameters(), out[1][0].parameters()):
+            assert torch.equal(a, b)
+        # The last aggregate is the exact mean of the float32 gradients: nothing quantized.
+        for i, avg in enumerate(out[0][3]):
+            torch.testing.assert_close(avg, (out[0][2][i] + out[1][2][i]) / 2)
+
+    def test_keeps_quantizing_when_float32_is_slower(self, monkeypatch):
+        self.slow(monkeypatch, "fp32")
+        out = self.run()
+        for _, opt, _, _, calls in out:
+            assert calls == self.PROBE + [("allreduce", 2, "quantized")] + \
+                [("allgather", 0, "quantized")] * 2
+            assert opt._exchange._plain is None  # the float32 buffer is released
+        for a, b in zip(out[0][0].parameters(), out[1][0].parameters()):
+            assert torch.equal(a, b)
+
+    @pytest.mark.parametrize("sums, chosen", [
+        ([[1.0, 0.5], [1.0, 2.0]], "quantized"),  # rank 0 alone would send float32
+        ([[1.0, 0.1], [1.0, 1.5]], "fp32"),       # rank 1 alone would keep quantizing
+    ])
+    def test_ranks_decide_together_from_summed_times(self, sums, chosen):
+        comp = qoda_hvd.Compression.layerwise(fallback=True, **LAYERWISE)
+
+        def fn(r, c):
+            model = make_model()
+            opt = qoda_hvd.DistributedOptimizer(QODA(model.parameters(), lr=0.05),
+                                                model.named_parameters(), compression=comp,
+                                                communicator=c)
+            ex = opt._exchange
+            ex._probe_sums = list(sums[r])  # [quantized seconds, float32 seconds] of this rank
+            ex._decide_fallback()
+            return ex.sends, ex.fallback_measured
+
+        out = run_ranks(2, fn)
+        assert [o[0] for o in out] == [chosen, chosen]
+        assert out[0][1] == out[1][1] == {"quantized_s": 2.0 / 6, "fp32_s": sum(s[1] for s in sums) / 6}
+
+    def test_resume_keeps_the_choice_without_probing_again(self, monkeypatch):
+        self.slow(monkeypatch, "quantized")
+        saved = copy.deepcopy(self.run(steps=9)[0][1].state_dict())
+        assert saved["qoda_hvd"]["sends"] == "fp32" and saved["qoda_hvd"]["fallback_decided"]
+        for _, _, _, _, calls in self.run(steps=2, state=saved):
+            assert calls == [("allreduce", 1, "fp32")] * 2
+
+    def test_fallback_must_be_a_bool(self):
+        with pytest.raises(TypeError, match="fallback must be a bool, got str"):
+            qoda_hvd.Compression.layerwise(fallback="yes")
