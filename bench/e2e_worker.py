@@ -356,7 +356,9 @@ class Method:
         if self.kind != "qoda":
             return {}
         s = self.opt.compression_stats()
-        return {"qenc": s["time_quantize_s"] + s["time_encode_s"], "exch": s["time_exchange_s"],
+        st = self.opt._exchange.stats  # per-row bits: the cumulative figure mixes in warm-up
+        return {"enc_bytes": st.encoded_bytes, "coords": st.coordinates,
+                "qenc": s["time_quantize_s"] + s["time_encode_s"], "exch": s["time_exchange_s"],
                 "dec": s["time_decode_s"], "sent": s["bytes_sent"], "recv": s["bytes_received"],
                 "exchanges": s["exchanges"], "bits": s["bits_per_coordinate"],
                 "strategy": s["strategy"], "sends": s.get("sends")}
@@ -382,7 +384,7 @@ def time_methods(methods: list, warmup: int, steps: int, wire: bool) -> list[dic
             elapsed = time.perf_counter() - t0
             p1, w1 = method.phase_times(), _wire_counters() if use_wire else None
             row = {"time": elapsed}
-            for key in ("qenc", "exch", "dec", "sent", "recv", "exchanges"):
+            for key in ("qenc", "exch", "dec", "sent", "recv", "exchanges", "enc_bytes", "coords"):
                 if key in p1:
                     row[key] = p1[key] - p0[key]
             if w0 is not None and w1 is not None:
@@ -409,6 +411,10 @@ def summarise(per_rank: list[dict], name: str, numel: int, k: int, compute_s: Op
            "exchanges_per_iteration": 2 if extragradient else 1,
            "bits_per_coordinate": per_rank[0].get("bits"), "strategy": per_rank[0].get("strategy"),
            "sends": per_rank[0].get("sends")}
+    rows = per_rank[0]["rows"]
+    if rows and "coords" in rows[0] and sum(r["coords"] for r in rows):
+        # Over the timed iterations only (the fallback's probe sends float32 in its warm-up).
+        out["bits_per_coordinate"] = 8.0 * sum(r["enc_bytes"] for r in rows) / sum(r["coords"] for r in rows)
     if name == "compute":
         out.update(compute_s=step_time, qenc_s=0.0, exchange_s=0.0, decode_s=0.0,
                    bytes_sent=0, bytes_received=0, bytes_source="no communication")
