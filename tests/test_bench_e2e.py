@@ -22,7 +22,7 @@ BENCH = ROOT / "bench" / "e2e.py"
 _REASON = emulator_unavailable_reason()
 
 STEP_METHODS = ("compute", "hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather",
-                "qoda_scatter_gather")
+                "qoda_scatter_gather", "qoda_fallback")
 VI_METHODS = ("hvd_fp32", "eg_global", "qoda_layerwise")
 
 
@@ -63,6 +63,13 @@ def test_smoke_run_reports_every_method_with_positive_times_and_bytes(smoke_resu
         assert methods["eg_global"]["exchanges_per_iteration"] == 2
         assert methods["qoda_allgather"]["exchanges_per_iteration"] == 1
         assert methods["qoda_scatter_gather"]["strategy"] == "scatter_gather"
+        # The fallback row says what it kept; its timed bytes and bits match that choice.
+        fb = methods["qoda_fallback"]
+        assert fb["sends"] in ("quantized", "fp32"), model
+        if fb["sends"] == "fp32":
+            assert fb["bytes_sent"] == fp32 and fb["bits_per_coordinate"] == 32.0, model
+        else:
+            assert fb["bytes_sent"] < fp32 and fb["bits_per_coordinate"] < 8.0, model
     assert "(1) Horovod fp32 allreduce" in stdout and "goals" in stdout
 
 

@@ -272,8 +272,9 @@ class _DistributedOptimizer:
         if isinstance(ex, LayerwiseExchange):
             ex.step = int(extra["step"])
             ex.lq.load_state_dict(extra["levels"])
-            ex.sends = extra.get("sends", "quantized")
-            ex.fallback_decided = bool(extra.get("fallback_decided", False))
+            if ex.fallback:  # a run without fallback=True quantizes, whatever the checkpoint chose
+                ex.sends = extra.get("sends", "quantized")
+                ex.fallback_decided = bool(extra.get("fallback_decided", False))
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,

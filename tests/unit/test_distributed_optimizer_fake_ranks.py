@@ -499,6 +499,16 @@ class TestFallback:
         assert saved["qoda_hvd"]["sends"] == "fp32" and saved["qoda_hvd"]["fallback_decided"]
         for _, _, _, _, calls in self.run(steps=2, state=saved):
             assert calls == [("allreduce", 1, "fp32")] * 2
+        # Loaded into a run without fallback=True, the checkpoint's choice does not apply.
+        def fn(r, c):
+            model = make_model()
+            opt = qoda_hvd.DistributedOptimizer(QODA(model.parameters(), lr=0.05),
+                                                model.named_parameters(), communicator=c,
+                                                compression=qoda_hvd.Compression.layerwise(**LAYERWISE))
+            opt.load_state_dict(saved)
+            return opt.compression_stats()["sends"]
+
+        assert run_ranks(2, fn) == ["quantized", "quantized"]
 
     def test_fallback_must_be_a_bool(self):
         with pytest.raises(TypeError, match="fallback must be a bool, got str"):
