@@ -7,7 +7,8 @@ across ranks, and counts what it did in :class:`ExchangeStats`.
 - :class:`AllreduceExchange` (``Compression.none`` / ``fp16``): one fused allreduce.
 - :class:`LayerwiseExchange` with ``strategy="allgather"``: each rank quantizes its fused
   gradient per layer type, entropy codes ONE payload, the payloads are allgathered in ONE
-  collective, and every rank decodes all K in rank order and averages them. Exact average of the
+  collective, and every rank decodes all K in rank order (its own from its quantized tensors:
+  the coding is lossless) and averages them. Exact average of the
   ``Q(g_k)``; received bytes grow like ``(K-1) * compressed(d)``.
 - :class:`LayerwiseExchange` with ``strategy="scatter_gather"``: each type's fused gradient is
   cut into K bucket-aligned chunks; chunk j of every rank goes to rank j (ONE alltoall), rank j
@@ -370,11 +371,20 @@ class LayerwiseExchange:
         t1 = time.perf_counter()
         payloads = self.comm.allgather(payload)
         t2 = time.perf_counter()
+        own_raw = raw.clone()  # small tensors only
         for buf in typed:
             buf.zero_()
         raw.zero_()
         for sender, p in enumerate(payloads):  # rank order on every rank: identical sums
-            self._decode_into(p, sender, typed, raw, accumulate=True)
+            if sender == self.comm.rank:
+                # The coding is lossless: our own payload decodes to exactly these symbols and
+                # norms, so add them without entropy-decoding it (same values, same order).
+                for tid, (qt, buf) in enumerate(zip(qts, typed)):
+                    if qt.numel:
+                        self.lq.quantizer(tid).dequantize(qt, out=buf, accumulate=True)
+                raw.add_(own_raw)
+            else:
+                self._decode_into(p, sender, typed, raw, accumulate=True)
         if self.average:
             for buf in (*typed, raw):
                 buf.div_(self.comm.size)
