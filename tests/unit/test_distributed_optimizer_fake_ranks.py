@@ -418,14 +418,17 @@ class TestFallback:
         monkeypatch.setattr(LayerwiseExchange, name, slowed)
 
     @staticmethod
-    def run(steps=10, state=None):
-        comp = qoda_hvd.Compression.layerwise(fallback=True, **LAYERWISE)
+    def build(comm, fallback=True):
+        model = make_model()
+        comp = qoda_hvd.Compression.layerwise(fallback=fallback, **LAYERWISE)
+        return model, qoda_hvd.DistributedOptimizer(QODA(model.parameters(), lr=0.05),
+                                                    model.named_parameters(), compression=comp,
+                                                    communicator=comm)
 
+    @staticmethod
+    def run(steps=10, state=None):
         def fn(r, c):
-            model = make_model()
-            opt = qoda_hvd.DistributedOptimizer(QODA(model.parameters(), lr=0.05),
-                                                model.named_parameters(), compression=comp,
-                                                communicator=c)
+            model, opt = TestFallback.build(c)
             if state is not None:
                 opt.load_state_dict(state)
             calls = []
@@ -477,14 +480,8 @@ class TestFallback:
         ([[1.0, 0.1], [1.0, 1.5]], "fp32"),       # rank 1 alone would keep quantizing
     ])
     def test_ranks_decide_together_from_summed_times(self, sums, chosen):
-        comp = qoda_hvd.Compression.layerwise(fallback=True, **LAYERWISE)
-
         def fn(r, c):
-            model = make_model()
-            opt = qoda_hvd.DistributedOptimizer(QODA(model.parameters(), lr=0.05),
-                                                model.named_parameters(), compression=comp,
-                                                communicator=c)
-            ex = opt._exchange
+            ex = self.build(c)[1]._exchange
             ex._probe_sums = list(sums[r])  # [quantized seconds, float32 seconds] of this rank
             ex._decide_fallback()
             return ex.sends, ex.fallback_measured
@@ -501,10 +498,7 @@ class TestFallback:
             assert calls == [("allreduce", 1, "fp32")] * 2
         # Loaded into a run without fallback=True, the checkpoint's choice does not apply.
         def fn(r, c):
-            model = make_model()
-            opt = qoda_hvd.DistributedOptimizer(QODA(model.parameters(), lr=0.05),
-                                                model.named_parameters(), communicator=c,
-                                                compression=qoda_hvd.Compression.layerwise(**LAYERWISE))
+            opt = self.build(c, fallback=False)[1]
             opt.load_state_dict(saved)
             return opt.compression_stats()["sends"]
 
