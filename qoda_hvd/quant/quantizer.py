@@ -116,9 +116,10 @@ class _CellTable:
     offset: torch.Tensor
 
     @staticmethod
-    def build(levels: torch.Tensor, slope: torch.Tensor, offset: torch.Tensor) -> Optional["_CellTable"]:
+    def build(levels: torch.Tensor, slope: torch.Tensor, offset: torch.Tensor,
+              max_steps: int = _MAX_CELL_STEPS) -> Optional["_CellTable"]:
         """The table with the fewest steps (then fewest cells), or None if every grid needs more
-        than ``_MAX_CELL_STEPS`` steps. ``levels``: validated float32 CPU levels, ``L >= 3``;
+        than ``max_steps`` steps. ``levels``: validated float32 CPU levels, ``L >= 3``;
         ``slope``/``offset``: the CPU float32 interval tables."""
         inner = levels[1:-1].contiguous()
         best = None
@@ -132,7 +133,7 @@ class _CellTable:
             # counts right for the values above 1 (and NaN) that the clamp sends there.
             count = torch.searchsorted(inner, hi, right=True) - first
             steps = int(count.max())
-            if steps <= _MAX_CELL_STEPS and (last + 1) << steps <= _MAX_LEAVES:
+            if steps <= max_steps and (last + 1) << steps <= _MAX_LEAVES:
                 if best is None or steps < best[0]:
                     best = (steps, shift, last, first, count)
                 if steps == 0:

@@ -1,0 +1,205 @@
+"""GPU kernels (Triton): the same two passes as :mod:`.cpu`, the same bits.
+
+Three kernels, each a plain 1-D grid:
+
+- ``_norms``: one program per bucket; the L2 norm is the pairwise tree of :mod:`.cpu` (squares
+  padded to a power of two, adjacent pairs first) written out level by level with
+  ``reshape``/``split``, so the float32 result equals the CPU's; L-inf is a max.
+- ``_quantize_pack``: one program per ``GROUPS * 8`` coordinates: read each coordinate's bucket
+  norm, hash its noise (:mod:`.rng`), round, and pack eight ``width``-bit values into ``width``
+  bytes (MSB first, as the wire format's ``fixed`` body).
+- ``_dequantize``: one program per block of coordinates: unpack, look the value up, scale by the
+  norm, add into the output.
+
+Exactness across devices: divisions and square roots are the IEEE-rounded ones
+(``tl.div_rn``, ``tl.sqrt_rn``, never the approximate defaults), and kernels launch with
+``enable_fp_fusion=False`` so no multiply-add is contracted into an FMA (numba does not contract
+either). Symbols, norms and packed bytes stay on the device; the exchange moves only the final
+payload.
+
+Without a GPU, ``TRITON_INTERPRET=1`` (set before this module is imported) runs the same kernels
+on CPU tensors with numpy; the tests compare them with :mod:`.cpu` bit for bit that way.
+
+Example::
+
+    >>> import torch                                                     # doctest: +SKIP
+    >>> from qoda_hvd.kernels import level_table, stream_key
+    >>> from qoda_hvd.kernels.gpu import quantize_pack, dequantize_into
+    >>> t = level_table(torch.linspace(0, 1, 8))
+    >>> x = torch.randn(4096, device="cuda")
+    >>> packed, norms, bad = quantize_pack(x, t, 1024, "l2", stream_key(0, 0, 0))
+    >>> out = torch.zeros_like(x); dequantize_into(packed, norms, t, 1024, out, accumulate=False)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qoda_hvd.kernels.tables import LevelTable
+
+__all__ = ["quantize_pack", "dequantize_into", "packed_size"]
+
+_GROUPS = 128  # 8-coordinate groups per quantize program (1024 coordinates)
+_DEQ_BLOCK = 1024
+_TINY_NORM = 4e-37
+
+
+def packed_size(numel: int, width: int) -> int:
+    """Bytes of ``numel`` packed symbols of ``width`` bits."""
+    return -(-numel * width // 8)
+
+
+@triton.jit
+def _mix32(x):
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _norms_kernel(x_ptr, norms_ptr, n, bucket, LINF: tl.constexpr, P2: tl.constexpr,
+                  LOG2: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, P2)
+    idx = b * bucket + offs
+    mask = (offs < bucket) & (idx < n)
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0)
+    if LINF:
+        a = tl.abs(x)
+        bad = tl.sum((a != a).to(tl.int32), axis=0)
+        m = tl.max(tl.where(a == a, a, 0.0), axis=0)
+        m = tl.where(bad > 0, float("nan"), m)
+        tl.store(norms_ptr + b, m)
+    else:
+        s = x * x
+        for _ in tl.static_range(LOG2):  # adjacent pairs first, as the CPU tree
+            s = tl.reshape(s, (s.shape[0] // 2, 2))
+            lo, hi = tl.split(s)
+            s = lo + hi
+        tl.store(norms_ptr + b + tl.arange(0, 1), tl.sqrt_rn(s))
+
+
+@triton.jit
+def _quantize_pack_kernel(x_ptr, norms_ptr, out_ptr, n, base, bucket, k0, k1, L,
+                          bounds_ptr, slope_ptr, offset_ptr, shift, last_cell, leaves,
+                          WIDTH: tl.constexpr, UNIFORM: tl.constexpr, STEPS: tl.constexpr,
+                          GROUPS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid * GROUPS + tl.arange(0, GROUPS)
+    i = g[:, None] * 8 + tl.arange(0, 8)[None, :]  # [GROUPS, 8] coordinate indices
+    valid = i < n
+    x = tl.load(x_ptr + i, mask=valid, other=0.0)
+    nrm = tl.load(norms_ptr + i // bucket, mask=valid, other=1.0)
+    top = (L - 1).to(tl.float32)
+    ok = (nrm == nrm) & (nrm != float("inf")) & (nrm >= _TINY_NORM)
+    safe = tl.where(ok, nrm, 1.0)
+    if UNIFORM:
+        t = tl.minimum(tl.abs(x) * tl.div_rn(top, safe), top)
+    else:
+        u = tl.abs(x) * tl.div_rn(tl.full(x.shape, 1.0, tl.float32), safe)
+        c = tl.minimum(u.to(tl.int32, bitcast=True) >> shift, last_cell)
+        for k in tl.static_range(STEPS):
+            c = 2 * c + (u >= tl.load(bounds_ptr + k * leaves + c, mask=valid, other=0.0)).to(tl.int32)
+        t = tl.minimum(u * tl.load(slope_ptr + c, mask=valid, other=0.0)
+                       + tl.load(offset_ptr + c, mask=valid, other=0.0), top)
+    # the noise of coordinate base + i (rng.py's definition)
+    gi = base + i
+    lo = (gi & 0xFFFFFFFF).to(tl.uint32)
+    hi = (gi >> 32).to(tl.uint32)
+    h = _mix32(lo ^ k0.to(tl.uint32))
+    h = _mix32((h + hi) ^ k1.to(tl.uint32))
+    r = (h >> 8).to(tl.float32) * 5.9604644775390625e-08
+    f = tl.floor(t)
+    m = f.to(tl.int32) + (r < t - f).to(tl.int32)
+    m = tl.where(ok, m, 0)
+    v = tl.where(x >= 0, L - 1 + m, L - 1 - m)
+    v = tl.where(valid, v, (1 << WIDTH) - 1)  # padding fields are all ones
+    shifts = (WIDTH * (7 - tl.arange(0, 8))).to(tl.uint64)
+    acc = tl.sum(v.to(tl.uint64) << shifts[None, :], axis=1)  # disjoint bits: sum == or
+    nbytes = (n * WIDTH + 7) // 8
+    for k in tl.static_range(WIDTH):
+        byte = ((acc >> (8 * (WIDTH - 1 - k))) & 0xFF).to(tl.uint8)
+        pos = g * WIDTH + k
+        tl.store(out_ptr + pos, byte, mask=pos < nbytes)
+
+
+@triton.jit
+def _dequantize_kernel(packed_ptr, norms_ptr, values_ptr, out_ptr, n, bucket, bad_ptr,
+                       WIDTH: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = i < n
+    bit = i * WIDTH
+    byte = bit >> 3
+    sh = bit & 7
+    nbytes = (n * WIDTH + 7) // 8
+    w = tl.load(packed_ptr + byte, mask=valid, other=0).to(tl.int32) << 8
+    w |= tl.load(packed_ptr + byte + 1, mask=valid & (byte + 1 < nbytes), other=0).to(tl.int32)
+    v = (w >> (16 - sh - WIDTH)) & ((1 << WIDTH) - 1)
+    y = tl.load(values_ptr + v, mask=valid, other=0.0)
+    nrm = tl.load(norms_ptr + i // bucket, mask=valid, other=0.0)
+    tl.atomic_add(bad_ptr, tl.sum(((y != y) & (nrm == nrm) & valid).to(tl.int32), axis=0))
+    y = y * nrm
+    if ACCUMULATE:
+        y = tl.load(out_ptr + i, mask=valid, other=0.0) + y
+    tl.store(out_ptr + i, y, mask=valid)
+
+
+_TABLES: dict = {}
+
+
+def _device_tables(table: LevelTable, device: torch.device):
+    key = (id(table), device)
+    hit = _TABLES.get(key)
+    if hit is None or hit[0] is not table:
+        hit = (table, torch.from_numpy(table.bounds.reshape(-1)).to(device),
+               torch.from_numpy(table.slope).to(device), torch.from_numpy(table.offset).to(device),
+               torch.from_numpy(table.values).to(device))
+        _TABLES[key] = hit
+    return hit[1:]
+
+
+def quantize_pack(x: torch.Tensor, table: LevelTable, bucket_size: int, norm: str,
+                  key: tuple[int, int], *, base: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Quantize float32 ``x`` (1-D, contiguous, on the GPU) and pack it, on the device.
+
+    Args and returns as :func:`qoda_hvd.kernels.cpu.quantize_pack` (``bad`` is read back: one
+    scalar per call).
+    """
+    n = x.numel()
+    nb = -(-n // bucket_size)
+    out = torch.empty(packed_size(n, table.width), dtype=torch.uint8, device=x.device)
+    norms = torch.empty(nb, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return out, norms, 0
+    p2 = 1 << max(0, (bucket_size - 1).bit_length())
+    _norms_kernel[(nb,)](x, norms, n, bucket_size, LINF=norm == "linf", P2=p2,
+                         LOG2=p2.bit_length() - 1, enable_fp_fusion=False)
+    bounds, slope, offset, _ = _device_tables(table, x.device)
+    leaves = table.bounds.shape[1]
+    grid = (-(-n // (8 * _GROUPS)),)
+    _quantize_pack_kernel[grid](x, norms, out, n, base, bucket_size, key[0], key[1],
+                                table.num_levels, bounds, slope, offset, table.shift,
+                                table.last_cell, leaves, WIDTH=table.width,
+                                UNIFORM=table.uniform, STEPS=table.steps, GROUPS=_GROUPS,
+                                enable_fp_fusion=False)
+    bad = int((~torch.isfinite(norms)).sum())
+    return out, norms, bad
+
+
+def dequantize_into(packed: torch.Tensor, norms: torch.Tensor, table: LevelTable,
+                    bucket_size: int, out: torch.Tensor, *, accumulate: bool) -> int:
+    """``out (+)= sign * level * norm`` on the device; returns the count of invalid values."""
+    n = out.numel()
+    if n == 0:
+        return 0
+    *_, values = _device_tables(table, out.device)
+    bad = torch.zeros(1, dtype=torch.int32, device=out.device)
+    grid = (-(-n // _DEQ_BLOCK),)
+    _dequantize_kernel[grid](packed, norms, values, out, n, bucket_size, bad, WIDTH=table.width,
+                             ACCUMULATE=accumulate, BLOCK=_DEQ_BLOCK, enable_fp_fusion=False)
+    return int(bad.item())
