@@ -9,7 +9,7 @@ Everything a user needs is here, Horovod style (``qoda_hvd.X``)::
 from __future__ import annotations
 
 from qoda_hvd.compression import Compression, Compressor
-from qoda_hvd.config import LayerwiseConfig
+from qoda_hvd.config import LayerwiseConfig, PowerSGDConfig
 from qoda_hvd.errors import PayloadError
 from qoda_hvd.optim import (QODA, AdaptiveStepSize, ConstantStepSize, ExtraGradient, Optimistic,
                             StepSizePolicy, optimistic)
@@ -27,6 +27,7 @@ __all__ = [
     "LayerwiseConfig",
     "Optimistic",
     "PayloadError",
+    "PowerSGDConfig",
     "QODA",
     "StepSizePolicy",
     "__version__",

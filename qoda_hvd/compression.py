@@ -22,9 +22,10 @@ from typing import Any, Optional
 import torch
 
 from qoda_hvd.config import (QODA_BITS, QODA_BUCKET_SIZE, QODA_CODING, QODA_SEED, LayerwiseConfig,
-                             env_default)
+                             PowerSGDConfig, env_default)
 
-__all__ = ["Compressor", "NoneCompressor", "FP16Compressor", "LayerwiseCompressor", "Compression"]
+__all__ = ["Compressor", "NoneCompressor", "FP16Compressor", "LayerwiseCompressor",
+           "LowRankCompressor", "Compression"]
 
 
 class Compressor:
@@ -179,6 +180,101 @@ def layerwise(bits: Optional[int] = None, levels: str = "optimal", coding: Optio
     return LayerwiseCompressor(config)
 
 
+class LowRankCompressor(Compressor):
+    """Low-rank (PowerSGD) compression with optional layer-wise ranks (L-GreCo).
+
+    Holds the configuration; :func:`qoda_hvd.DistributedOptimizer` asks it for its exchange
+    (:meth:`make_exchange`): per matrix ``P = M Q``, allreduce P (with the uncompressed tensors),
+    orthonormalise, ``Q = M^T P``, allreduce Q, ``M ~ P Q^T / K``; error feedback and warm start.
+    Low-rank factors are summable, so bytes per rank do not grow with the number of ranks and
+    nothing is entropy coded.
+
+    .. warning::
+        Handed to Horovod's own ``hvd.DistributedOptimizer`` it is the identity (float32 goes
+        on the wire, training is exact): PowerSGD needs two dependent allreduces per step, which
+        a Horovod compressor cannot express. The saving needs ``qoda_hvd.DistributedOptimizer``.
+
+    Args:
+        config: a validated :class:`~qoda_hvd.config.PowerSGDConfig`.
+
+    Example::
+
+        >>> comp = Compression.powersgd(rank=4, layerwise=True)
+        >>> comp.config.rank, comp.config.layerwise
+        (4, True)
+    """
+
+    def __init__(self, config: PowerSGDConfig) -> None:
+        if not isinstance(config, PowerSGDConfig):
+            raise TypeError(f"config must be a PowerSGDConfig, got {type(config).__name__}")
+        self.config = config
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Compression.powersgd(rank={c.rank}, layerwise={c.layerwise}, "
+                f"granularity={c.granularity!r}, error_feedback={c.error_feedback}, "
+                f"warm_start={c.warm_start}, start_iter={c.start_iter}, "
+                f"min_compression_rate={c.min_compression_rate:g})")
+
+    def make_exchange(self, named_parameters, communicator, average: bool = True):
+        """The per-step exchange over ``communicator`` for ``(name, parameter)`` pairs.
+
+        Returns a callable (one round: two allreduces) with ``stats``, ``strategy``,
+        ``extra_state()`` and ``load_extra_state(state)``.
+        """
+        from qoda_hvd.comm.lowrank import make_powersgd_exchange
+
+        return make_powersgd_exchange(self.config, named_parameters, communicator, average)
+
+    def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Horovod contract: the tensor itself (see the warning)."""
+        return tensor, None
+
+    def decompress(self, tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Horovod contract: the identity."""
+        return tensor
+
+
+def powersgd(rank: int = 4, types: Any = None, layerwise: bool = False, granularity: str = "type",
+             rank_range: tuple = (0.5, 2.0), every: int = 100, buckets: int = 10_000,
+             error_feedback: bool = True, warm_start: bool = True, start_iter: int = 0,
+             min_compression_rate: float = 2.0, min_numel: int = 1024,
+             orthogonalization_epsilon: float = 1e-8,
+             seed: Optional[int] = None) -> LowRankCompressor:
+    """PowerSGD low-rank compression (see :class:`~qoda_hvd.config.PowerSGDConfig` for each knob).
+
+    Args:
+        rank: approximation rank per matrix, in [1, 1024] (torch's ``matrix_approximation_rank``).
+        types: layer typing: ``None``, an ``nn.Module``, ``{pattern: type}`` or ``"auto"``.
+        layerwise: ranks per unit by L-GreCo's DP, under the total error of ``rank`` everywhere.
+        granularity: ``"type"`` (one rank per layer type) or ``"layer"`` (per parameter).
+        rank_range: DP candidates as factors ``(low, high)`` of ``rank``.
+        every: re-run the DP every ``every`` compressed steps (0: once).
+        buckets: error discretisation of the DP.
+        error_feedback: torch's ``use_error_feedback``.
+        warm_start: torch's ``warm_start``.
+        start_iter: plain allreduce for the first exchanges (torch's ``start_powerSGD_iter``).
+        min_compression_rate: compress only if ``(n + m) r * rate < n m`` (torch's).
+        min_numel: smaller or 1-D tensors travel uncompressed.
+        orthogonalization_epsilon: Gram-Schmidt epsilon (zero gradients stay finite).
+        seed: seed of the initial Q, shared by all ranks (default 0, or ``QODA_SEED``).
+
+    Example::
+
+        >>> Compression.powersgd(rank=8)
+        Compression.powersgd(rank=8, layerwise=False, granularity='type', error_feedback=True, warm_start=True, start_iter=0, min_compression_rate=2)
+    """
+    seed = env_default(seed, QODA_SEED, int)
+    config = PowerSGDConfig(rank=rank, types=types, layerwise=layerwise, granularity=granularity,
+                            rank_range=tuple(rank_range) if isinstance(rank_range, list) else rank_range,
+                            every=every, buckets=buckets, error_feedback=error_feedback,
+                            warm_start=warm_start, start_iter=start_iter,
+                            min_compression_rate=min_compression_rate, min_numel=min_numel,
+                            orthogonalization_epsilon=orthogonalization_epsilon,
+                            seed=0 if seed is None else seed)
+    return LowRankCompressor(config)
+
+
 class Compression:
     """Optional gradient compression algorithms used during allreduce / exchange.
 
@@ -191,3 +287,4 @@ class Compression:
     none = NoneCompressor
     fp16 = FP16Compressor
     layerwise = staticmethod(layerwise)
+    powersgd = staticmethod(powersgd)

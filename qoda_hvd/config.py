@@ -9,8 +9,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-__all__ = ["LayerwiseConfig", "EXCHANGES", "CODINGS", "QODA_BITS", "QODA_CODING", "QODA_EXCHANGE",
-           "QODA_BUCKET_SIZE", "QODA_SEED", "env_default"]
+__all__ = ["LayerwiseConfig", "PowerSGDConfig", "EXCHANGES", "CODINGS", "RANK_GRANULARITIES",
+           "QODA_BITS", "QODA_CODING", "QODA_EXCHANGE", "QODA_BUCKET_SIZE", "QODA_SEED",
+           "env_default"]
 
 QODA_BITS = "QODA_BITS"
 QODA_CODING = "QODA_CODING"
@@ -48,6 +49,18 @@ def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not lo <= value <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def _check_types(types: Any) -> None:
+    if isinstance(types, str) and types != "auto":
+        raise ValueError(f"types must be None, 'auto', an nn.Module or {{pattern: type}} "
+                         f"overrides, got {types!r}")
+    if types is not None and not isinstance(types, (str, dict, list, tuple)):
+        import torch.nn as nn
+
+        if not isinstance(types, nn.Module):
+            raise TypeError("types must be None, 'auto', an nn.Module or {pattern: type} "
+                            f"overrides, got {type(types).__name__}")
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -114,12 +127,93 @@ class LayerwiseConfig:
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sched):
             raise ValueError(f"schedule must be non-negative step numbers, got {list(sched)}")
         object.__setattr__(self, "schedule", tuple(sorted(set(sched))))
-        if isinstance(self.types, str) and self.types != "auto":
-            raise ValueError(f"types must be None, 'auto', an nn.Module or {{pattern: type}} "
-                             f"overrides, got {self.types!r}")
-        if self.types is not None and not isinstance(self.types, (str, dict, list, tuple)):
-            import torch.nn as nn
+        _check_types(self.types)
 
-            if not isinstance(self.types, nn.Module):
-                raise TypeError("types must be None, 'auto', an nn.Module or {pattern: type} "
-                                f"overrides, got {type(self.types).__name__}")
+
+#: Granularity of the layer-wise ranks of :class:`PowerSGDConfig`.
+RANK_GRANULARITIES = ("type", "layer")
+
+
+@dataclass(frozen=True)
+class PowerSGDConfig:
+    """Everything :class:`qoda_hvd.compression.LowRankCompressor` needs, validated once.
+
+    Names follow torch's ``PowerSGDState`` where the meaning is the same.
+
+    Attributes:
+        rank: the (global) approximation rank ``r`` per matrix, in [1, 1024] (torch's
+            ``matrix_approximation_rank``). Lower compresses more; 1-4 is typical, up to 32 for
+            language models. Default 4.
+        types: layer typing, as in :class:`LayerwiseConfig` (``None`` rules on names and
+            shapes, an ``nn.Module``, ``{pattern: type}`` overrides, or ``"auto"``); the
+            ``"uncompressed"`` type travels as float32.
+        layerwise: choose a rank per unit by L-GreCo's dynamic program (least total size with
+            total approximation error at most that of ``rank`` everywhere); ``False``: ``rank``
+            everywhere.
+        granularity: the unit of the layer-wise ranks: ``"type"`` (one rank per layer type) or
+            ``"layer"`` (one per parameter, as L-GreCo).
+        rank_range: candidate ranks of the DP, as factors of ``rank``: ``(low, high)`` with
+            ``0 < low <= 1 <= high <= 16`` (L-GreCo: ``(0.5, 2)``).
+        every: re-run the DP every ``every`` compressed steps (0: only at the first), in
+            [0, 2^40]; each run costs one small allreduce of the error table on that step.
+        buckets: error discretisation of the DP, in [100, 10^6] (L-GreCo: 10,000).
+        error_feedback: add last step's approximation error to the gradient (torch's
+            ``use_error_feedback``). Default on.
+        warm_start: start the power iteration from last step's Q (torch's ``warm_start``).
+        start_iter: plain float32 allreduce for the first ``start_iter`` exchanges, then
+            PowerSGD (torch's ``start_powerSGD_iter``, which defaults to 1000; here 0), in
+            [0, 2^40].
+        min_compression_rate: a matrix is compressed only if ``(n + m) r *
+            min_compression_rate < n m`` (torch's, default 2), in (0, 10^6].
+        min_numel: tensors with fewer elements, or 1-D, always travel uncompressed.
+        orthogonalization_epsilon: added to column norms when orthonormalising with
+            Gram-Schmidt (ranks <= 2), so an all-zero gradient gives zeros, not NaN; in [0, 1].
+            torch defaults to 0; here 1e-8.
+        seed: seed of the initial Q, the same on every rank, in [0, 2^63 - 1].
+    """
+
+    rank: int = 4
+    types: Any = None
+    layerwise: bool = False
+    granularity: str = "type"
+    rank_range: tuple = (0.5, 2.0)
+    every: int = 100
+    buckets: int = 10_000
+    error_feedback: bool = True
+    warm_start: bool = True
+    start_iter: int = 0
+    min_compression_rate: float = 2.0
+    min_numel: int = 1024
+    orthogonalization_epsilon: float = 1e-8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("rank", self.rank, 1, 1024)
+        for name in ("layerwise", "error_feedback", "warm_start"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        _check_choice("granularity", self.granularity, RANK_GRANULARITIES)
+        rr = self.rank_range
+        if (not isinstance(rr, (tuple, list)) or len(rr) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rr)):
+            raise ValueError(f"rank_range must be a pair (low, high) of numbers, got {rr!r}")
+        if not (0 < rr[0] <= 1 <= rr[1] <= 16):
+            raise ValueError(f"rank_range must satisfy 0 < low <= 1 <= high <= 16, got {tuple(rr)}")
+        object.__setattr__(self, "rank_range", (float(rr[0]), float(rr[1])))
+        _check_int("every", self.every, 0, 1 << 40)
+        _check_int("buckets", self.buckets, 100, 1_000_000)
+        _check_int("start_iter", self.start_iter, 0, 1 << 40)
+        _check_int("min_numel", self.min_numel, 0, 1 << 31)
+        _check_int("seed", self.seed, 0, (1 << 63) - 1)
+        _check_real("min_compression_rate", self.min_compression_rate, 0.0, 1e6, low_open=True)
+        _check_real("orthogonalization_epsilon", self.orthogonalization_epsilon, 0.0, 1.0)
+        _check_types(self.types)
+
+
+def _check_real(name: str, value: Any, lo: float, hi: float, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    ok = (lo < value if low_open else lo <= value) and value <= hi
+    if not ok or value != value:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{lo:g}, {hi:g}], got {value}")

@@ -1,0 +1,315 @@
+"""PowerSGD exchange: ONE communication round of two dependent allreduces per step.
+
+Per step (see :mod:`qoda_hvd.lowrank.powersgd` for the math):
+
+1. every ``p.grad`` is copied into fixed buffers (one ``torch._foreach_copy_``), the error of
+   last step is added, ``P = M Q`` per group of same-shaped matrices;
+2. allreduce #1: every P and every uncompressed tensor (1-D, small, or a matrix that low rank
+   would not shrink by ``min_compression_rate``) in ONE grouped buffer;
+3. P orthonormalised, ``Q = M^T P``; allreduce #2: every Q;
+4. ``P Q^T / K`` into ``p.grad`` on every rank, bit-identical (same sums, same kernels).
+
+Both allreduces are one round (``stats.exchanges`` counts rounds, :attr:`PowerSGDExchange.collectives`
+counts collectives). Bytes per rank per step are those of an allreduce of ``P + raw + Q``
+floats: independent of the number of ranks in the logical count, ``2 (K-1)/K`` of it on a ring.
+
+Layer-wise ranks (``layerwise=True``): on the first compressed step and every ``every``
+compressed steps after, each rank measures the approximation error of every unit (layer type,
+or layer) at every candidate rank on its own input, the ``units x candidates`` tables are
+summed in ONE small allreduce (those steps only), and every rank runs the same L-GreCo DP on
+the same sums: the same ranks everywhere, no rank decides alone.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from qoda_hvd.comm.base import Communicator
+from qoda_hvd.comm.exchange import AllreduceExchange, AutoTypedExchange, ExchangeStats
+from qoda_hvd.config import PowerSGDConfig
+from qoda_hvd.lowrank import LowRankCore, MatrixSpec, candidate_ranks, lgreco_dp, mix_seed
+from qoda_hvd.quant import LayerTyping
+
+__all__ = ["PowerSGDExchange", "make_powersgd_exchange", "powersgd_typing"]
+
+_STATE_VERSION = 1
+
+
+class PowerSGDExchange:
+    """PowerSGD over a :class:`~qoda_hvd.comm.base.Communicator` (module doc).
+
+    Args:
+        named_parameters: ``(name, parameter)`` pairs, every name known to ``typing``.
+        communicator: the collectives.
+        config: a validated :class:`~qoda_hvd.config.PowerSGDConfig`.
+        typing: parameter name -> layer type; ``uncompressed`` names travel as float32.
+        average: divide the sum by K (``op=Average``) or not (``op=Sum``).
+
+    Attributes:
+        stats: :class:`~qoda_hvd.comm.exchange.ExchangeStats` (``exchanges`` = rounds;
+            ``quantize_s`` holds the compression matmuls, ``decode_s`` the decompression).
+        collectives: collectives started by this exchange (2 per compressed round, 1 per
+            plain round before ``start_iter``, +1 on each rank agreement).
+        rank_updates: L-GreCo runs (each one small allreduce).
+        step: exchanges done (checkpointed).
+
+    Example::
+
+        >>> from qoda_hvd.comm import LocalGroup
+        >>> from qoda_hvd.quant import classify_parameters
+        >>> model = torch.nn.Linear(256, 128)
+        >>> cfg = PowerSGDConfig(rank=2)
+        >>> ex = PowerSGDExchange(list(model.named_parameters()), LocalGroup(1)[0], cfg,
+        ...                       classify_parameters(model))
+        >>> model(torch.randn(4, 256)).sum().backward()
+        >>> ex()
+        >>> ex.collectives, ex.ranks
+        (2, {'output': 2})
+    """
+
+    strategy = "powersgd"
+
+    def __init__(self, named_parameters, communicator: Communicator, config: PowerSGDConfig,
+                 typing: LayerTyping, average: bool = True) -> None:
+        if not isinstance(config, PowerSGDConfig):
+            raise TypeError(f"config must be a PowerSGDConfig, got {type(config).__name__}")
+        self.named = list(named_parameters)
+        self.comm = communicator
+        self.config = config
+        self.typing = typing
+        self.average = average
+        self.stats = ExchangeStats()
+        self.collectives = 0
+        self.rank_updates = 0
+        self.step = 0
+        self._plain: Optional[AllreduceExchange] = None
+        self._deferred = False
+
+        specs, raw, unit_names = [], [], []
+        unit_of: dict = {}
+        for name, p in self.named:
+            if name in typing.uncompressed or p.dim() < 2 or p.numel() < config.min_numel:
+                raw.append((name, tuple(p.shape)))
+                continue
+            key = name if config.granularity == "layer" else typing.type_id(name)
+            if key not in unit_of:
+                unit_of[key] = len(unit_names)
+                unit_names.append(name if config.granularity == "layer" else typing.type_names[key])
+            specs.append(MatrixSpec(name, tuple(p.shape), unit_of[key]))
+        self.unit_names = unit_names
+        self._specs, self._raw = specs, raw
+        self._params = dict(self.named)
+        self.device = self.named[0][1].device if self.named else torch.device("cpu")
+        self.candidates = (candidate_ranks(config.rank, *config.rank_range)
+                           if config.layerwise else [config.rank])
+        self.core = self._build([config.rank] * len(unit_names))
+
+    # -- layout ------------------------------------------------------------------------
+
+    def _build(self, ranks: Sequence[int]) -> LowRankCore:
+        c = self.config
+        core = LowRankCore(self._specs, self._raw, ranks, c.min_compression_rate,
+                           c.error_feedback, c.warm_start, c.orthogonalization_epsilon, c.seed,
+                           self.device)
+        names = [n for n, _ in self.named]
+        self._dst = [core.views[n] for n in names]
+        self._src_params = [self._params[n] for n in names]
+        return core
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Current rank per unit (layer type, or parameter name with ``granularity="layer"``)."""
+        return dict(zip(self.unit_names, self.core.ranks))
+
+    def _relayout(self, ranks: Sequence[int]) -> None:
+        """New ranks mid-step: carry this step's inputs (error already added) and the Q memory."""
+        old = self.core
+        state = old.matrix_state()
+        new = self._build(ranks)
+        torch._foreach_copy_([new.views[n] for n, _ in self.named],
+                             [old.views[n] for n, _ in self.named])
+        new.load_matrix_state({"q": state["q"]}, self.step, old.q_ready)
+        self.core = new
+
+    # -- the step ----------------------------------------------------------------------
+
+    def __call__(self) -> None:
+        """Aggregate every rank's ``p.grad`` into every rank's ``p.grad`` (one round)."""
+        if self.step < self.config.start_iter:
+            if self._plain is None:
+                self._plain = AllreduceExchange([p for _, p in self.named], self.comm,
+                                                self.average, stats=self.stats)
+            self._plain()
+            self.collectives += 1
+            self.step += 1
+            return
+        self._plain = None
+        st = self.stats
+        t0 = time.perf_counter()
+        for p in self._src_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        core = self.core
+        if self._dst:
+            torch._foreach_copy_(self._dst, [p.grad for p in self._src_params])
+        core.add_error()
+        if self.config.layerwise and self._due():
+            self._agree_ranks()
+            core = self.core
+        core.start(self.step)
+        t1 = time.perf_counter()
+        if core.send_p.numel():
+            self.comm.allreduce_sum_(core.send_p)
+            self.collectives += 1
+        t2 = time.perf_counter()
+        core.project()
+        t3 = time.perf_counter()
+        if core.send_q.numel():
+            self.comm.allreduce_sum_(core.send_q)
+            self.collectives += 1
+        t4 = time.perf_counter()
+        core.finish(self.comm.size, self.average)
+        if self._dst:
+            torch._foreach_copy_([p.grad for p in self._src_params], self._dst)
+        t5 = time.perf_counter()
+        st.quantize_s += (t1 - t0) + (t3 - t2)
+        st.exchange_s += (t2 - t1) + (t4 - t3)
+        st.decode_s += t5 - t4
+        st.exchanges += 1
+        st.coordinates += core.numel
+        st.encoded_bytes += 4 * core.sent_floats
+        self.step += 1
+
+    def _due(self) -> bool:
+        since = self.step - self.config.start_iter
+        every = self.config.every
+        return self._deferred or since == 0 or (every > 0 and since % every == 0)
+
+    def _agree_ranks(self) -> None:
+        """L-GreCo: ONE allreduce of the error tables, then the same DP on every rank."""
+        units = len(self.unit_names)
+        if units == 0:
+            return
+        errors, sizes = self.core.unit_tables(self.candidates, units,
+                                              seed=mix_seed(self.config.seed, self.step))
+        total = self.comm.allreduce_sum(torch.from_numpy(errors))
+        self.collectives += 1
+        errors = total.numpy()
+        base = self.candidates.index(self.config.rank)
+        # All ranks see the same sums, so they take the same branch: an all-zero table (e.g. the
+        # zero-gradient step of hvd.broadcast_optimizer_state) says nothing about the ranks.
+        self._deferred = not bool(errors.sum() > 0)
+        if self._deferred:
+            return
+        budget = float(errors[:, base].sum())
+        choice = lgreco_dp(errors, sizes, budget, self.config.buckets,
+                           fallback=[base] * units)
+        ranks = [self.candidates[int(c)] for c in choice]
+        self.rank_updates += 1
+        self.last_choice = {"budget": budget, "error": float(errors[np.arange(units), choice].sum()),
+                            "size": float(sizes[np.arange(units), choice].sum()),
+                            "uniform_size": float(sizes[:, base].sum())}
+        if ranks != self.core.ranks:
+            self._relayout(ranks)
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def extra_state(self) -> dict:
+        """Errors, Q, iteration and ranks as plain data (tensors on the CPU)."""
+        ms = self.core.matrix_state()
+        return {"version": _STATE_VERSION, "step": self.step, "ranks": list(self.core.ranks),
+                "q_ready": self.core.q_ready, "deferred": self._deferred,
+                "rank_updates": self.rank_updates,
+                "errors": {k: v.cpu() for k, v in ms["errors"].items()},
+                "q": {k: v.cpu() for k, v in ms["q"].items()}}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore :meth:`extra_state` (same parameters and configuration)."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError(f"PowerSGD state must be a dict of version {_STATE_VERSION}, got "
+                             f"{type(state).__name__} of version "
+                             f"{state.get('version') if isinstance(state, dict) else None!r}")
+        ranks = [int(r) for r in state["ranks"]]
+        if len(ranks) != len(self.unit_names):
+            raise ValueError(f"the saved state has ranks for {len(ranks)} units; this exchange has "
+                             f"{len(self.unit_names)} ({', '.join(self.unit_names)})")
+        self.step = int(state["step"])
+        self._deferred = bool(state.get("deferred", False))
+        self.rank_updates = int(state.get("rank_updates", 0))
+        self.core = self._build(ranks)
+        dev = self.device
+        self.core.load_matrix_state({"errors": {k: v.to(dev) for k, v in state["errors"].items()},
+                                     "q": {k: v.to(dev) for k, v in state["q"].items()}},
+                                    self.step, bool(state["q_ready"]))
+
+
+class _AutoTypedPowerSGD(AutoTypedExchange):
+    """``types="auto"``: the typing found at the first step (one allreduce, that step only)."""
+
+    strategy = "powersgd"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._found = 0  # the typing's allreduce
+
+    @property
+    def collectives(self) -> int:
+        return (self.inner.collectives if self.inner is not None else 0) + self._found
+
+    def __call__(self) -> None:
+        self._found += self.inner is None
+        super().__call__()
+
+    def extra_state(self) -> dict:
+        return {"typing": self.typing_state(),
+                "inner": self.inner.extra_state() if self.inner is not None else None}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.load_typing_state(state.get("typing"))
+        if self.inner is not None and state.get("inner") is not None:
+            self.inner.load_extra_state(state["inner"])
+
+
+def powersgd_typing(config: PowerSGDConfig, named) -> LayerTyping:
+    """The layer typing of ``config.types`` (rules, a module, or overrides) for ``named``."""
+    from qoda_hvd.quant import classify_named_parameters, classify_parameters
+
+    types = config.types
+    if isinstance(types, torch.nn.Module):
+        typing = classify_parameters(types, min_numel=config.min_numel)
+        missing = [n for n, _ in named if n not in typing.numels]
+        if missing:
+            raise ValueError(f"types is a module whose parameters do not include {missing[:5]}: "
+                             "pass the model whose named_parameters() you gave")
+        return typing
+    return classify_named_parameters(named, overrides=types, min_numel=config.min_numel)
+
+
+def make_powersgd_exchange(config: PowerSGDConfig, named_parameters, communicator: Communicator,
+                           average: bool = True):
+    """The exchange for :meth:`qoda_hvd.compression.LowRankCompressor.make_exchange`.
+
+    Example::
+
+        >>> from qoda_hvd.comm import LocalGroup
+        >>> model = torch.nn.Linear(256, 128)
+        >>> ex = make_powersgd_exchange(PowerSGDConfig(rank=2), model.named_parameters(),
+        ...                             LocalGroup(1)[0])
+        >>> ex.strategy
+        'powersgd'
+    """
+    named = list(named_parameters)
+    if not isinstance(communicator, Communicator):
+        raise TypeError(f"communicator must be a qoda_hvd.comm.Communicator, got "
+                        f"{type(communicator).__name__}")
+
+    def build(typing: LayerTyping) -> PowerSGDExchange:
+        return PowerSGDExchange(named, communicator, config, typing, average)
+
+    if config.types == "auto":
+        # The grouping's cost model is the quantizer's (8 levels); it only groups the types.
+        return _AutoTypedPowerSGD(named, communicator, build, 8, config.min_numel, 1024, "l2")
+    return build(powersgd_typing(config, named))

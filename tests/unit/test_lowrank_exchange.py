@@ -1,0 +1,220 @@
+"""PowerSGDExchange on in-process fake ranks (threads + LocalGroup).
+
+The real-rank versions (Horovod under mpirun / horovodrun) are in
+tests/distributed/test_powersgd.py.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import qoda_hvd
+from fake_ranks import run_ranks
+from qoda_hvd.comm import LocalGroup
+from qoda_hvd.comm.lowrank import PowerSGDExchange
+
+torch.set_num_threads(1)
+
+_INIT_LOCK = threading.Lock()
+
+
+class Net(nn.Module):
+    """Two same-shaped hidden layers (one batched group), a conv, a head, biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16 * 16, 64)
+        self.fc2 = nn.Linear(64, 64)
+        self.fc3 = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).mean(dim=(2, 3), keepdim=True).flatten(1)
+        h = torch.relu(self.fc1(h.repeat(1, 16)))
+        h = torch.relu(self.fc2(h))
+        return self.head(torch.relu(self.fc3(h)))
+
+
+def make_model(seed=0):
+    with _INIT_LOCK:
+        torch.manual_seed(seed)
+        return Net()
+
+
+def batch(rank, step):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(8, 4, 4, 4, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
+def train(rank, comm, steps, comp, model=None, opt=None, exchange=None, first=0):
+    model = model or make_model()
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    exchange = exchange or comp.make_exchange(list(model.named_parameters()), comm, True)
+    for step in range(first, first + steps):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        exchange()
+        opt.step()
+    return model, opt, exchange
+
+
+PSGD = dict(rank=2, min_numel=256)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_ranks_bit_identical_and_two_collectives_per_round(layerwise):
+    comp = qoda_hvd.Compression.powersgd(layerwise=layerwise, every=3, **PSGD)
+
+    def work(r, c):
+        model, _, ex = train(r, c, 7, comp)
+        return [p.detach().clone() for p in model.parameters()], ex, c.stats.collectives
+
+    out = run_ranks(3, work)
+    for params, _, _ in out[1:]:
+        for a, b in zip(out[0][0], params):
+            assert torch.equal(a, b)
+    ex = out[0][1]
+    agreements = 3 if layerwise else 0  # steps 0, 3, 6
+    assert ex.stats.exchanges == 7
+    assert ex.rank_updates == agreements
+    assert ex.collectives == 2 * 7 + agreements == out[0][2]
+    assert ex.strategy == "powersgd"
+    assert all(o[1].ranks == ex.ranks for o in out)
+    start = list(make_model().parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(out[0][0], start)), "training did not move"
+
+
+def test_aggregate_is_the_mean_when_gradients_are_exactly_low_rank():
+    """Rank-2 gradients at rank 2: PowerSGD is exact, so every rank gets the plain mean."""
+    def work(r, c):
+        g = torch.Generator().manual_seed(7)  # a shared column space, rank-dependent rows
+        u = torch.randn(96, 2, generator=g)
+        v = torch.randn(2, 80, generator=torch.Generator().manual_seed(100 + r))
+        w = nn.Parameter(torch.zeros(96, 80))
+        b = nn.Parameter(torch.zeros(5))
+        w.grad, b.grad = u @ v, torch.full((5,), float(r))
+        ex = qoda_hvd.Compression.powersgd(rank=2, min_numel=0).make_exchange(
+            [("w", w), ("b", b)], c, True)
+        ex()
+        return w.grad.clone(), b.grad.clone(), u, v
+
+    out = run_ranks(2, work)
+    mean = (out[0][2] @ out[0][3] + out[1][2] @ out[1][3]) / 2
+    for wg, bg, _, _ in out:
+        torch.testing.assert_close(wg, mean, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(bg, torch.full((5,), 0.5))
+
+
+def test_zero_gradients_stay_finite_on_fake_ranks():
+    comp = qoda_hvd.Compression.powersgd(layerwise=True, **PSGD)
+
+    def work(r, c):
+        model = make_model()
+        ex = comp.make_exchange(list(model.named_parameters()), c, True)
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            ex()
+        return [p.grad for p in model.parameters()], ex
+
+    for grads, ex in run_ranks(2, work):
+        assert all(torch.isfinite(g).all() and not g.any() for g in grads)
+        # An all-zero error table decides nothing: the agreement waits for real gradients.
+        assert ex.rank_updates == 0 and ex._deferred
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_checkpoint_resume_repeats_the_uninterrupted_run(layerwise):
+    comp = qoda_hvd.Compression.powersgd(layerwise=layerwise, every=2, **PSGD)
+
+    def straight(r, c):
+        model, _, _ = train(r, c, 8, comp)
+        return [p.detach().clone() for p in model.parameters()]
+
+    def resumed(r, c):
+        model, opt, ex = train(r, c, 5, comp)
+        saved = {"model": model.state_dict(), "opt": opt.state_dict(), "ex": ex.extra_state()}
+        saved = torch.serialization.pickle.loads(torch.serialization.pickle.dumps(saved))
+        model2 = make_model(seed=1)  # different weights: everything must come from the checkpoint
+        model2.load_state_dict(saved["model"])
+        opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+        opt2.load_state_dict(saved["opt"])
+        ex2 = comp.make_exchange(list(model2.named_parameters()), c, True)
+        ex2.load_extra_state(saved["ex"])
+        assert ex2.ranks == ex.ranks and ex2.step == 5
+        train(r, c, 3, comp, model2, opt2, ex2, first=5)
+        return [p.detach().clone() for p in model2.parameters()]
+
+    ref = run_ranks(2, straight)
+    got = run_ranks(2, resumed)
+    for a, b in zip(ref[0], got[0]):
+        assert torch.equal(a, b)
+
+
+def test_layerwise_ranks_use_less_than_uniform_within_the_error_budget():
+    comp = qoda_hvd.Compression.powersgd(rank=4, layerwise=True, granularity="layer", min_numel=256)
+
+    def work(r, c):
+        _, _, ex = train(r, c, 1, comp)
+        return ex
+
+    ex = run_ranks(2, work)[0]
+    choice = ex.last_choice
+    assert choice["error"] <= choice["budget"] * (1 + 1e-12)
+    assert choice["size"] <= choice["uniform_size"]
+    assert set(ex.ranks) == {"conv.weight", "fc1.weight", "fc2.weight", "fc3.weight",
+                            "head.weight"}
+    assert all(2 <= r <= 8 for r in ex.ranks.values())
+
+
+def test_bytes_per_rank_per_step_do_not_depend_on_k():
+    comp = qoda_hvd.Compression.powersgd(**PSGD)
+    sent = {}
+    for k in (2, 3, 4):
+        def work(r, c):
+            _, _, ex = train(r, c, 2, comp)
+            return ex.stats.encoded_bytes / ex.stats.exchanges
+
+        sent[k] = run_ranks(k, work)
+    assert len({v for per_rank in sent.values() for v in per_rank}) == 1
+
+
+def test_start_iter_sends_float32_first_then_compresses():
+    comp = qoda_hvd.Compression.powersgd(start_iter=2, **PSGD)
+
+    def work(r, c):
+        _, _, ex = train(r, c, 4, comp)
+        return ex
+
+    ex = run_ranks(2, work)[0]
+    assert ex.stats.exchanges == 4 and ex.collectives == 1 + 1 + 2 + 2
+    assert ex.stats.encoded_bytes < 4 * 4 * ex.core.numel  # 2 float32 rounds + 2 compressed
+
+
+def test_auto_types_agree_and_checkpoint():
+    comp = qoda_hvd.Compression.powersgd(types="auto", layerwise=True, **PSGD)
+
+    def work(r, c):
+        _, _, ex = train(r, c, 2, comp)
+        return ex.ranks, ex.collectives, ex.extra_state()
+
+    out = run_ranks(2, work)
+    assert out[0][0] == out[1][0]
+    assert out[0][1] == 1 + 2 * 2 + 1  # typing, two rounds, one agreement
+    assert out[0][2]["typing"] is not None and out[0][2]["inner"]["step"] == 2
+
+
+def test_load_extra_state_rejects_foreign_state():
+    model = make_model()
+    ex = qoda_hvd.Compression.powersgd(**PSGD).make_exchange(list(model.named_parameters()),
+                                                             LocalGroup(1)[0], True)
+    with pytest.raises(ValueError, match="PowerSGD state must be a dict of version 1"):
+        ex.load_extra_state({"version": 99})
+    with pytest.raises(TypeError, match="communicator must be a qoda_hvd.comm.Communicator"):
+        qoda_hvd.Compression.powersgd().make_exchange(list(model.named_parameters()), None, True)
+    assert isinstance(ex, PowerSGDExchange)
