@@ -37,7 +37,9 @@ import math
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from qoda_hvd.kernels.tables import LevelTable
 
@@ -73,6 +75,18 @@ def work_ranges(num_buckets: int, bucket: int, threads: int) -> np.ndarray:
     return np.minimum(b, num_buckets)
 
 
+@intrinsic
+def _f32_bits(typingctx, val):
+    """The int32 bit pattern of a float32 (a bitcast LLVM can vectorize)."""
+    if val != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
 @njit(inline="always")
 def _mix32(x):
     x ^= x >> _S16
@@ -99,9 +113,10 @@ def _bucket_norm(x, s, e, linf, sq, p2):
             if a > m or a != a:  # NaN wins, like the L2 sum
                 m = a
         return m
-    k = e - s
+    xs = x[s:e]
+    k = xs.size
     for i in range(k):
-        sq[i] = x[s + i] * x[s + i]
+        sq[i] = xs[i] * xs[i]
     for i in range(k, p2):
         sq[i] = np.float32(0.0)
     m = p2
@@ -113,44 +128,43 @@ def _bucket_norm(x, s, e, linf, sq, p2):
 
 
 @njit(cache=True, nogil=True)
-def _symbols(x, s, e, nrm, base, k0, k1, L, uniform, shift, last_cell, steps, bounds, slope,
-             offset, vals, o, ubox, ubits):
-    """Values ``symbol + L - 1`` of x[s:e] into vals[o:o + e - s]; returns 1 if the norm is bad."""
+def _symbols(xs, nrm, first, k0, k1, L, uniform, shift, last_cell, steps, bounds, slope, offset,
+             vals):
+    """Values ``symbol + L - 1`` of the bucket ``xs`` into ``vals`` (same length); ``first`` is
+    the counter of ``xs[0]``. Returns 1 if the norm is NaN/Inf. (Slices, not offsets: indices
+    from ``range`` are provably non-negative, which lets LLVM vectorize the loops.)"""
     zero = np.uint8(L - 1)
-    if not (nrm == nrm) or nrm == np.inf:
-        for i in range(e - s):
-            vals[o + i] = zero
-        return 1
-    if nrm < _TINY_NORM:
-        for i in range(e - s):
-            vals[o + i] = zero
-        return 0
+    k = xs.size
+    if not (nrm == nrm) or nrm == np.inf or nrm < _TINY_NORM:
+        for i in range(k):
+            vals[i] = zero
+        return 0 if nrm < _TINY_NORM else 1
     top = np.float32(L - 1)
+    first = np.uint64(first)
     if uniform:
         scale = top / nrm
-        for i in range(e - s):
-            v = x[s + i]
+        for i in range(k):
+            v = xs[i]
             t = min(abs(v) * scale, top)
-            f = math.floor(t)
-            up = _noise(np.uint64(base + s + i), k0, k1) < t - f
+            f = np.floor(t)
+            up = _noise(first + np.uint64(i), k0, k1) < t - f
             m = np.int32(f) + np.int32(up)
-            vals[o + i] = np.uint8(L - 1 + m) if v >= 0 else np.uint8(L - 1 - m)
+            vals[i] = np.uint8(L - 1 + m) if v >= 0 else np.uint8(L - 1 - m)
     else:
         inv = np.float32(1.0) / nrm
-        for i in range(e - s):
-            v = x[s + i]
+        for i in range(k):
+            v = xs[i]
             u = abs(v) * inv
-            ubox[0] = u  # the float's bit pattern, through a 1-element int32 view
-            c = np.int64(ubits[0]) >> shift
+            c = np.int64(_f32_bits(u)) >> shift
             if c > last_cell:
                 c = last_cell
-            for k in range(steps):
-                c = 2 * c + np.int64(u >= bounds[k, c])
+            for j in range(steps):
+                c = 2 * c + np.int64(u >= bounds[j, c])
             t = min(u * slope[c] + offset[c], top)
-            f = math.floor(t)
-            up = _noise(np.uint64(base + s + i), k0, k1) < t - f
+            f = np.floor(t)
+            up = _noise(first + np.uint64(i), k0, k1) < t - f
             m = np.int32(f) + np.int32(up)
-            vals[o + i] = np.uint8(L - 1 + m) if v >= 0 else np.uint8(L - 1 - m)
+            vals[i] = np.uint8(L - 1 + m) if v >= 0 else np.uint8(L - 1 - m)
     return 0
 
 
@@ -212,8 +226,6 @@ def _quantize_pack_kernel(x, n, base, bucket, linf, k0, k1, L, width, uniform, s
     for t in prange(nthreads):
         sq = np.empty(p2, dtype=np.float32)
         vals = np.empty(g8 * bucket, dtype=np.uint8)
-        ubox = np.empty(1, dtype=np.float32)
-        ubits = ubox.view(np.int32)
         b = ranges[t]
         while b < ranges[t + 1]:
             nb = min(g8, ranges[t + 1] - b)
@@ -223,8 +235,8 @@ def _quantize_pack_kernel(x, n, base, bucket, linf, k0, k1, L, width, uniform, s
                 e = min(s + bucket, n)
                 nrm = _bucket_norm(x, s, e, linf, sq, p2)
                 norms[b + j] = nrm
-                bad[t] += _symbols(x, s, e, nrm, base, k0, k1, L, uniform, shift, last_cell,
-                                   steps, bounds, slope, offset, vals, o, ubox, ubits)
+                bad[t] += _symbols(x[s:e], nrm, base + s, k0, k1, L, uniform, shift,
+                                   last_cell, steps, bounds, slope, offset, vals[o:o + e - s])
                 o += e - s
             _pack(vals, o, width, out, (b * bucket * width) // 8)
             b += nb
