@@ -218,16 +218,27 @@ class PowerSGDExchange:
     # -- checkpoints ---------------------------------------------------------------------
 
     def extra_state(self) -> dict:
-        """Errors, Q, iteration and ranks as plain data (tensors on the CPU)."""
+        """Errors, Q, iteration and ranks as plain data (tensors on the CPU).
+
+        Q, the iteration and the ranks are the same on every rank; the errors are this rank's
+        own (``"rank"`` says whose).
+        """
         ms = self.core.matrix_state()
-        return {"version": _STATE_VERSION, "step": self.step, "ranks": list(self.core.ranks),
+        return {"version": _STATE_VERSION, "rank": self.comm.rank, "step": self.step,
+                "ranks": list(self.core.ranks),
                 "q_ready": self.core.q_ready, "deferred": self._deferred,
                 "rank_updates": self.rank_updates,
                 "errors": {k: v.cpu() for k, v in ms["errors"].items()},
                 "q": {k: v.cpu() for k, v in ms["q"].items()}}
 
     def load_extra_state(self, state: dict) -> None:
-        """Restore :meth:`extra_state` (same parameters and configuration)."""
+        """Restore :meth:`extra_state` (same parameters and configuration).
+
+        The errors are taken only from this rank's own state: a state saved by another rank
+        (``hvd.broadcast_optimizer_state`` sends the root's) sets Q, the iteration and the
+        ranks, and this rank keeps its own errors (zero on a rank that has none), since error
+        feedback owes each rank its own residual.
+        """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError(f"PowerSGD state must be a dict of version {_STATE_VERSION}, got "
                              f"{type(state).__name__} of version "
@@ -236,40 +247,67 @@ class PowerSGDExchange:
         if len(ranks) != len(self.unit_names):
             raise ValueError(f"the saved state has ranks for {len(ranks)} units; this exchange has "
                              f"{len(self.unit_names)} ({', '.join(self.unit_names)})")
+        own = state.get("rank") == self.comm.rank
+        errors = state["errors"] if own else self.core.matrix_state()["errors"]
         self.step = int(state["step"])
         self._deferred = bool(state.get("deferred", False))
         self.rank_updates = int(state.get("rank_updates", 0))
         self.core = self._build(ranks)
         dev = self.device
-        self.core.load_matrix_state({"errors": {k: v.to(dev) for k, v in state["errors"].items()},
+        self.core.load_matrix_state({"errors": {k: v.to(dev) for k, v in errors.items()},
                                      "q": {k: v.to(dev) for k, v in state["q"].items()}},
                                     self.step, bool(state["q_ready"]))
 
 
-class _AutoTypedPowerSGD(AutoTypedExchange):
-    """``types="auto"``: the typing found at the first step (one allreduce, that step only)."""
+class _AutoTypedPowerSGD:
+    """``types="auto"``: the typing found at the first step (one allreduce, that step only), by
+    :class:`~qoda_hvd.comm.exchange.AutoTypedExchange`'s grouping; then a
+    :class:`PowerSGDExchange` over it. Composition, not a subclass: the optimizer's special
+    handling of the quantizer's auto typing does not apply here."""
 
     strategy = "powersgd"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._found = 0  # the typing's allreduce
+    def __init__(self, named, communicator: Communicator, build, min_numel: int) -> None:
+        # The grouping's cost model is the quantizer's (8 levels); it only groups the types.
+        self._auto = AutoTypedExchange(named, communicator, build, 8, min_numel, 1024, "l2")
+        self._found = 0
+        self._idle = ExchangeStats()
+
+    @property
+    def inner(self) -> Optional[PowerSGDExchange]:
+        return self._auto.inner
+
+    @property
+    def stats(self) -> ExchangeStats:
+        return self.inner.stats if self.inner is not None else self._idle
 
     @property
     def collectives(self) -> int:
         return (self.inner.collectives if self.inner is not None else 0) + self._found
 
+    def __getattr__(self, name):
+        inner = self.__dict__.get("_auto").inner if "_auto" in self.__dict__ else None
+        if inner is None:
+            raise AttributeError(f"{name!r}: the layer types are found at the first exchange")
+        return getattr(inner, name)
+
     def __call__(self) -> None:
         self._found += self.inner is None
-        super().__call__()
+        self._auto()
 
     def extra_state(self) -> dict:
-        return {"typing": self.typing_state(),
+        return {"typing": self._auto.typing_state(),
                 "inner": self.inner.extra_state() if self.inner is not None else None}
 
     def load_extra_state(self, state: dict) -> None:
-        self.load_typing_state(state.get("typing"))
-        if self.inner is not None and state.get("inner") is not None:
+        if not isinstance(state, dict) or "typing" not in state:
+            raise ValueError(f"PowerSGD state with types='auto' must be a dict with 'typing', got "
+                             f"{type(state).__name__}")
+        if state["typing"] is None:
+            self._auto.inner = None
+            return
+        self._auto.load_typing_state(state["typing"])
+        if state.get("inner") is not None:
             self.inner.load_extra_state(state["inner"])
 
 
@@ -310,6 +348,5 @@ def make_powersgd_exchange(config: PowerSGDConfig, named_parameters, communicato
         return PowerSGDExchange(named, communicator, config, typing, average)
 
     if config.types == "auto":
-        # The grouping's cost model is the quantizer's (8 levels); it only groups the types.
-        return _AutoTypedPowerSGD(named, communicator, build, 8, config.min_numel, 1024, "l2")
+        return _AutoTypedPowerSGD(named, communicator, build, config.min_numel)
     return build(powersgd_typing(config, named))

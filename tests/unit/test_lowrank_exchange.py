@@ -218,3 +218,88 @@ def test_load_extra_state_rejects_foreign_state():
     with pytest.raises(TypeError, match="communicator must be a qoda_hvd.comm.Communicator"):
         qoda_hvd.Compression.powersgd().make_exchange(list(model.named_parameters()), None, True)
     assert isinstance(ex, PowerSGDExchange)
+
+
+# ------------------------------------------------------------------ through DistributedOptimizer
+def _seam() -> bool:
+    import inspect
+
+    import qoda_hvd.optim.distributed as dist
+
+    return "make_exchange" in inspect.getsource(dist)
+
+
+needs_seam = pytest.mark.skipif(not _seam(), reason="DistributedOptimizer has no make_exchange seam")
+
+
+def train_qoda(rank, comm, steps, comp, first=0, state=None):
+    model = make_model()
+    opt = qoda_hvd.DistributedOptimizer(qoda_hvd.QODA(model.parameters(), lr=0.05),
+                                        model.named_parameters(), compression=comp,
+                                        communicator=comm)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+    for step in range(first, first + steps):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+@needs_seam
+def test_distributed_optimizer_qoda_one_round_per_step_bit_identical():
+    comp = qoda_hvd.Compression.powersgd(layerwise=True, every=4, **PSGD)
+
+    def work(r, c):
+        model, opt = train_qoda(r, c, 5, comp)
+        return [p.detach().clone() for p in model.parameters()], opt.compression_stats(), c.stats
+
+    out = run_ranks(2, work)
+    for a, b in zip(out[0][0], out[1][0]):
+        assert torch.equal(a, b)
+    stats, comm = out[0][1], out[0][2]
+    assert stats["exchanges"] == 5 and stats["strategy"] == "powersgd"
+    assert comm.collectives == 2 * 5 + 2  # two allreduces per round, agreements at steps 0 and 4
+    assert stats["ratio"] > 4
+
+
+@needs_seam
+def test_distributed_optimizer_state_dict_resume_repeats_the_run():
+    comp = qoda_hvd.Compression.powersgd(layerwise=True, every=2, **PSGD)
+
+    def straight(r, c):
+        return [p.detach().clone() for p in train_qoda(r, c, 7, comp)[0].parameters()]
+
+    def resumed(r, c):
+        model, opt = train_qoda(r, c, 4, comp)
+        state = {"model": model.state_dict(), "opt": opt.state_dict()}
+        assert "exchange" in state["opt"]["qoda_hvd"]
+        state = torch.serialization.pickle.loads(torch.serialization.pickle.dumps(state))
+        model2, _ = train_qoda(r, c, 3, comp, first=4, state=state)
+        return [p.detach().clone() for p in model2.parameters()]
+
+    ref, got = run_ranks(2, straight), run_ranks(2, resumed)
+    for a, b in zip(ref[0], got[0]):
+        assert torch.equal(a, b)
+
+
+def test_a_foreign_state_sets_q_and_ranks_but_keeps_own_errors():
+    comp = qoda_hvd.Compression.powersgd(layerwise=True, **PSGD)
+
+    def work(r, c):
+        _, _, ex = train(r, c, 3, comp)
+        return ex.extra_state()
+
+    s0, s1 = run_ranks(2, work)
+    assert s0["rank"] == 0 and s1["rank"] == 1
+    assert any(not torch.equal(s0["errors"][k], s1["errors"][k]) for k in s0["errors"])
+    model = make_model()
+    ex = comp.make_exchange(list(model.named_parameters()), LocalGroup(2)[1], True)
+    ex.load_extra_state(s1)               # its own: errors restored
+    ex.load_extra_state(s0)               # the root's: Q and ranks from it, errors kept
+    got = ex.extra_state()
+    assert got["ranks"] == s0["ranks"] and got["step"] == 3
+    assert all(torch.equal(got["q"][k], s0["q"][k]) for k in s0["q"])
+    assert all(torch.equal(got["errors"][k], s1["errors"][k]) for k in s1["errors"])
