@@ -22,7 +22,7 @@ QODA_SEED = "QODA_SEED"
 #: Exchange strategies of :func:`qoda_hvd.DistributedOptimizer`.
 EXCHANGES = ("auto", "allgather", "scatter_gather")
 #: Codecs a payload segment may use (see :mod:`qoda_hvd.coding`).
-CODINGS = ("auto", "ans", "elias", "fixed", "zstd")
+CODINGS = ("auto", "ans", "elias", "fixed", "zstd", "rans")
 #: Level families (see :mod:`qoda_hvd.quant.levels`).
 LEVEL_FAMILIES = ("optimal", "uniform", "exponential")
 
@@ -78,7 +78,7 @@ class LayerwiseConfig:
         levels: level family: ``"optimal"`` (MQV, adapted on the schedule), ``"uniform"``
             (QSGD) or ``"exponential"`` (NUQSGD).
         coding: codec of the symbols: ``"auto"`` (cheapest per segment), ``"ans"``,
-            ``"elias"``, ``"fixed"`` or ``"zstd"`` (``QODA_CODING``).
+            ``"elias"``, ``"fixed"``, ``"zstd"`` or ``"rans"`` (``QODA_CODING``).
         types: layer typing: ``None`` (rules on names and shapes), an ``nn.Module`` (rules on
             module classes too), ordered ``{pattern: type}`` overrides on top of the rules, or
             ``"auto"`` (types and their number found from the first step's gradient statistics).

@@ -3,7 +3,7 @@
 Public entry points: :func:`encode` (segments -> one checksummed ``torch.uint8`` payload) and
 :func:`decode` (payload -> :class:`Decoded`, validated; corrupt input raises
 :class:`qoda_hvd.PayloadError`). Codecs live in one registry, :data:`CODECS`: ``fixed``,
-``ans`` (constriction), ``elias`` (QSGD protocol), ``zstd``; ``codec="auto"`` picks per segment
+``ans`` (constriction), ``elias`` (QSGD protocol), ``zstd``, ``rans`` (packed bytes); ``codec="auto"`` picks per segment
 (:mod:`qoda_hvd.coding.auto`). The byte layout is documented in :mod:`qoda_hvd.coding.format`.
 
 Example::
@@ -30,6 +30,7 @@ from qoda_hvd.coding.format import (
     MIN_DECODE_BUDGET,
     VERSION,
     Decoded,
+    PackedSegment,
     PayloadLayout,
     RawSegment,
     Segment,
@@ -50,6 +51,7 @@ __all__ = [
     "MAX_NUMEL",
     "MAX_SYMBOLS_PER_BYTE",
     "MIN_DECODE_BUDGET",
+    "PackedSegment",
     "PayloadLayout",
     "RawSegment",
     "Segment",

@@ -46,8 +46,9 @@ import numpy as np
 from qoda_hvd.coding.codecs import CODECS, elias_size, to_values
 from qoda_hvd.coding.model import CountsModel
 
-__all__ = ["DEFAULT_NS_PER_SYMBOL", "AUTO_CANDIDATES", "ELIAS_MAX_AUTO", "estimate_sizes",
-           "choose_codec", "choose_and_encode"]
+__all__ = ["DEFAULT_NS_PER_SYMBOL", "DEFAULT_NS_PER_PACKED_BYTE", "AUTO_CANDIDATES",
+           "PACKED_CANDIDATES", "ELIAS_MAX_AUTO", "estimate_sizes", "choose_codec",
+           "choose_and_encode", "choose_packed"]
 
 # (encode, decode) nanoseconds per symbol on one CPU thread, rounded from bench/bench_codec.py
 # runs at 1M symbols and 2-8 bits (see bench/README.md). Pass your own via ``speeds``.
@@ -58,6 +59,14 @@ DEFAULT_NS_PER_SYMBOL: dict[str, tuple[float, float]] = {
     "zstd": (1.5, 1.0),
 }
 AUTO_CANDIDATES = ("fixed", "zstd", "ans", "elias")  # tie order: fastest first
+#: Candidates for already packed symbols (the exchange's fast path), fastest first.
+PACKED_CANDIDATES = ("fixed", "rans")
+# (encode, decode) nanoseconds per packed byte on one CPU thread (bench/bench_codec.py): the
+# exchange replaces these by what it measures.
+DEFAULT_NS_PER_PACKED_BYTE: dict[str, tuple[float, float]] = {
+    "fixed": (0.0, 0.0),
+    "rans": (4.0, 4.0),
+}
 #: Longest segment for which ``auto`` computes Elias's exact size (see the module docstring).
 ELIAS_MAX_AUTO = 1 << 16
 
@@ -178,3 +187,42 @@ def choose_and_encode(
         if best is None or cost < best:
             best, best_name = cost, name
     return best_name, cands.found[best_name][1]
+
+
+def choose_packed(
+    packed: np.ndarray,
+    numel: int,
+    num_levels: int,
+    bandwidth: float | None = None,
+    speeds: Mapping[str, tuple[float, float]] | None = None,
+) -> tuple[str, np.ndarray | None]:
+    """``fixed`` or ``rans`` for already packed symbols, by the same rule as
+    :func:`choose_codec`; returns the name and, when counted, the byte histogram (for the
+    encoder, so the bytes are counted once).
+
+    Without ``bandwidth`` the smaller wins. With it, ``rans`` costs
+    ``size / bandwidth + bytes * (encode_ns + decode_ns)`` against ``fixed``'s
+    ``bytes / bandwidth``, and it is not even counted when its time alone loses.
+
+    Example::
+
+        >>> import numpy as np
+        >>> p = np.full(50_000, 0x77, np.uint8)   # all zero symbols at 4 bits
+        >>> choose_packed(p, 100_000, 8)[0], choose_packed(p, 100_000, 8, bandwidth=1e12)[0]
+        ('rans', 'fixed')
+    """
+    from qoda_hvd.coding.rans import byte_histogram, encoded_size_estimate
+
+    nbytes = packed.size
+    if nbytes == 0:
+        return "fixed", None
+    table = DEFAULT_NS_PER_PACKED_BYTE if speeds is None else speeds
+    enc, dec = table["rans"]
+    coding_s = nbytes * (enc + dec) * 1e-9
+    if bandwidth is not None and coding_s >= nbytes / bandwidth:
+        return "fixed", None  # even a zero-byte body would not pay for its coding time
+    counts = byte_histogram(packed)
+    size = encoded_size_estimate(counts)
+    if bandwidth is None:
+        return ("rans", counts) if size < nbytes else ("fixed", None)
+    return ("rans", counts) if size / bandwidth + coding_s < nbytes / bandwidth else ("fixed", None)

@@ -87,8 +87,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qoda_hvd.coding.auto import choose_and_encode
-from qoda_hvd.coding.codecs import CODEC_BY_ID, CODECS, CodecError, ZstdCodec
+from qoda_hvd.coding import bits
+from qoda_hvd.coding.auto import choose_and_encode, choose_packed
+from qoda_hvd.coding.codecs import (CODEC_BY_ID, CODECS, CodecError, ZstdCodec, fixed_width,
+                                    from_values)
 from qoda_hvd.errors import PayloadError
 
 __all__ = [
@@ -98,6 +100,7 @@ __all__ = [
     "MAX_SYMBOLS_PER_BYTE",
     "MIN_DECODE_BUDGET",
     "Segment",
+    "PackedSegment",
     "RawSegment",
     "Decoded",
     "PayloadLayout",
@@ -206,6 +209,73 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class PackedSegment:
+    """One quantized tensor whose symbols are already packed (the fast path).
+
+    The same content as :class:`Segment`, with the symbols as the ``fixed`` codec's body:
+    values ``symbol + L - 1`` of ``ceil(log2(2L - 1))`` bits, MSB first, 1-padded (what
+    :mod:`qoda_hvd.kernels` writes). Encoding it with ``fixed`` sends these bytes as they are;
+    ``rans`` codes them byte-wise. :func:`decode` returns these with ``packed=True``.
+
+    Args:
+        layer_id, type_id, numel, bucket_size, norms, num_levels: as in :class:`Segment`.
+        packed: uint8 [ceil(numel * width / 8)].
+
+    Example::
+
+        >>> import numpy as np
+        >>> PackedSegment(0, 0, 3, 1024, np.array([0x12, 0x3F], np.uint8),
+        ...               np.ones(1, np.float32), 8).width
+        4
+    """
+
+    layer_id: int
+    type_id: int
+    numel: int
+    bucket_size: int
+    packed: np.ndarray
+    norms: np.ndarray
+    num_levels: int
+
+    def __post_init__(self) -> None:
+        _check_int("layer_id", self.layer_id, 0, 2**32 - 1)
+        _check_int("type_id", self.type_id, 0, 2**16 - 1)
+        _check_int("numel", self.numel, 0, MAX_NUMEL)
+        _check_int("bucket_size", self.bucket_size, 1, 2**32 - 1)
+        _check_int("num_levels", self.num_levels, MIN_LEVELS, MAX_LEVELS)
+        packed = _to_numpy("packed", self.packed, np.uint8)
+        norms = _to_numpy("norms", self.norms, np.float32)
+        want = -(-self.numel * self.width // 8)
+        if packed.size != want:
+            raise ValueError(f"packed has {packed.size} bytes, numel {self.numel} at "
+                             f"{self.width} bits needs {want}")
+        buckets = -(-self.numel // self.bucket_size)
+        if norms.size != buckets:
+            raise ValueError(f"norms must have ceil(numel / bucket_size) = {buckets} elements, "
+                             f"got {norms.size}")
+        object.__setattr__(self, "packed", packed)
+        object.__setattr__(self, "norms", norms)
+
+    @property
+    def width(self) -> int:
+        """Bits per packed symbol."""
+        return fixed_width(self.num_levels)
+
+    @property
+    def num_buckets(self) -> int:
+        return self.norms.size
+
+    def to_segment(self) -> Segment:
+        """The same tensor with int8 symbols (unpacks; validates the values)."""
+        values = bits.unpack_fixed(self.packed, self.numel, self.width)
+        if values.size and int(values.max()) > 2 * self.num_levels - 2:
+            raise ValueError(f"packed value {int(values.max())} outside the alphabet of "
+                             f"{2 * self.num_levels - 1}")
+        return Segment(self.layer_id, self.type_id, self.numel, self.bucket_size,
+                       from_values(values, self.num_levels), self.norms, self.num_levels)
+
+
+@dataclass(frozen=True)
 class RawSegment:
     """A small tensor that travels uncompressed as float32 (biases, norms' weights, ...).
 
@@ -238,7 +308,7 @@ class Decoded:
         nbytes: payload size in bytes.
     """
 
-    segments: list[Segment]
+    segments: list[Segment] | list[PackedSegment]
     raw: list[RawSegment]
     levels: dict[int, np.ndarray]
     codecs: list[str]
@@ -305,20 +375,26 @@ def encode(
     bandwidth: float | None = None,
     speeds: Mapping[str, tuple[float, float]] | None = None,
     zstd_level: int = 1,
+    packed_speeds: Mapping[str, tuple[float, float]] | None = None,
 ):
     """Encode segments into one payload (a CPU ``torch.uint8`` tensor).
 
     Args:
-        segments: quantized segments (:class:`Segment`), in the order the receiver wants them.
+        segments: quantized segments (:class:`Segment`, or :class:`PackedSegment` for symbols
+            already packed, the fast path), in the order the receiver wants them.
         levels: ``{type_id: levels}`` covering every segment's type (extra types are ignored;
             only used types are written).
         codec: ``"auto"`` (per segment, see :mod:`qoda_hvd.coding.auto`), a name in
-            :data:`qoda_hvd.coding.CODECS` (``fixed``, ``ans``, ``elias``, ``zstd``), or a
-            sequence with one of these per segment (a per-layer policy).
+            :data:`qoda_hvd.coding.CODECS` (``fixed``, ``ans``, ``elias``, ``zstd``, ``rans``),
+            or a sequence with one of these per segment (a per-layer policy). For a
+            :class:`PackedSegment`, ``auto`` chooses between ``fixed`` and ``rans``
+            (:func:`qoda_hvd.coding.auto.choose_packed`).
         raw: raw float32 segments.
         bandwidth: link bandwidth in bytes/s for ``auto`` (None: smallest size wins).
         speeds: per-codec ``(encode_ns, decode_ns)`` per symbol for ``auto``.
         zstd_level: zstandard level for ``codec="zstd"``, in [1, 22].
+        packed_speeds: per-codec ``(encode_ns, decode_ns)`` per packed byte for ``auto`` on
+            packed segments.
 
     Returns:
         The payload, ``torch.uint8`` [nbytes] on CPU.
@@ -336,7 +412,7 @@ def encode(
     import torch
 
     body = encode_bytes(segments, levels, codec, raw=raw, bandwidth=bandwidth, speeds=speeds,
-                        zstd_level=zstd_level)
+                        zstd_level=zstd_level, packed_speeds=packed_speeds)
     return torch.frombuffer(body, dtype=torch.uint8)
 
 
@@ -349,6 +425,7 @@ def encode_bytes(
     bandwidth: float | None = None,
     speeds: Mapping[str, tuple[float, float]] | None = None,
     zstd_level: int = 1,
+    packed_speeds: Mapping[str, tuple[float, float]] | None = None,
 ) -> bytearray:
     """Same as :func:`encode` but returns a ``bytearray`` (no torch)."""
     segments = list(segments)
@@ -370,8 +447,8 @@ def encode_bytes(
         raise TypeError(f"levels must be a mapping {{type_id: levels}}, got {type(levels).__name__}")
     raw = list(raw)
     for i, seg in enumerate(segments):
-        if not isinstance(seg, Segment):
-            raise TypeError(f"segments[{i}] must be a Segment, got {type(seg).__name__}")
+        if not isinstance(seg, (Segment, PackedSegment)):
+            raise TypeError(f"segments[{i}] must be a Segment or PackedSegment, got {type(seg).__name__}")
     for i, r in enumerate(raw):
         if not isinstance(r, RawSegment):
             raise TypeError(f"raw[{i}] must be a RawSegment, got {type(r).__name__}")
@@ -392,7 +469,7 @@ def encode_bytes(
         elif table[seg.type_id].size != seg.num_levels:
             raise ValueError(f"segments[{i}] has num_levels={seg.num_levels} but type_id "
                              f"{seg.type_id} has {table[seg.type_id].size} levels")
-        if seg.numel:
+        if seg.numel and isinstance(seg, Segment):  # packed values are the kernels' (checked on decode)
             lo, hi = int(seg.symbols.min()), int(seg.symbols.max())
             top = seg.num_levels - 1
             if lo < -top or hi > top:
@@ -407,23 +484,34 @@ def encode_bytes(
     offset = 0
     for i, seg in enumerate(segments):
         name, code = names[i], None
+        if isinstance(seg, PackedSegment):
+            counts = None
+            if name == "auto":
+                name, counts = choose_packed(seg.packed, seg.numel, seg.num_levels, bandwidth,
+                                             packed_speeds)
+            if name == "rans":
+                code = CODECS["rans"].encode_packed(seg.packed, seg.numel, seg.num_levels, counts)
+            elif name == "fixed":
+                code = seg.packed
+            else:  # a symbol codec: unpack first (slow path, for completeness)
+                seg = seg.to_segment()
         if name == "auto":  # sizing zstd made its level-1 body: reuse it rather than compress twice
             name, code = choose_and_encode(seg.symbols, seg.num_levels, bandwidth, speeds)
         coder = zstd if name == "zstd" else CODECS[name]
-        if code is None or coder is not CODECS[name]:
+        if code is None or (coder is not CODECS[name] and name == "zstd"):
             code = coder.encode(seg.symbols, seg.num_levels)
-        norms = seg.norms.astype("<f4", copy=False).tobytes()
+        norms = seg.norms.astype("<f4", copy=False)
         parts += (norms, code)
-        length = len(norms) + len(code)
+        length = norms.nbytes + len(code)
         seg_table[i] = (seg.layer_id, seg.type_id, coder.codec_id, 0, seg.bucket_size, seg.numel,
                         offset, length)
         offset += length
     raw_table = np.zeros(len(raw), dtype=_RAW_DTYPE)
     for i, r in enumerate(raw):
-        values = r.values.astype("<f4", copy=False).tobytes()
+        values = r.values.astype("<f4", copy=False)
         parts.append(values)
-        raw_table[i] = (r.layer_id, 0, r.numel, offset, len(values))
-        offset += len(values)
+        raw_table[i] = (r.layer_id, 0, r.numel, offset, values.nbytes)
+        offset += values.nbytes
 
     out = bytearray(_HEADER.pack(MAGIC, VERSION, 0, len(table), len(segments), len(raw), offset))
     for type_id in sorted(table):
@@ -431,8 +519,8 @@ def encode_bytes(
         out += table[type_id].astype("<f4").tobytes()
     out += seg_table.tobytes()
     out += raw_table.tobytes()
-    for part in parts:
-        out += part
+    for part in parts:  # numpy parts are appended through the buffer protocol (no tobytes copy)
+        out += memoryview(part).cast("B") if isinstance(part, np.ndarray) else part
     out += _CRC.pack(zlib.crc32(out))
     return out
 
@@ -577,7 +665,7 @@ def _check_max_numel(max_numel: int | None) -> int | None:
     return _check_int("max_numel", max_numel, 0, 2**62)
 
 
-def decode(buffer: Any, *, max_numel: int | None = None) -> Decoded:
+def decode(buffer: Any, *, max_numel: int | None = None, packed: bool = False) -> Decoded:
     """Decode and validate a payload.
 
     Args:
@@ -585,9 +673,13 @@ def decode(buffer: Any, *, max_numel: int | None = None) -> Decoded:
             array, bytes, bytearray or memoryview.
         max_numel: most coordinates (symbols plus raw values) the caller accepts; defaults to
             ``max(2**24, 1024 * len(buffer))``. See "Memory bound" in the module docstring.
+        packed: return :class:`PackedSegment` objects (the fast path: ``fixed`` bodies are
+            returned as views of ``buffer``, ``rans`` bodies decode to packed bytes, and no
+            int8 symbols are made; packed values outside the alphabet are left for the
+            unpacking kernel to count, see :mod:`qoda_hvd.kernels`).
 
     Returns:
-        :class:`Decoded` with owned numpy arrays.
+        :class:`Decoded` with owned numpy arrays (views of ``buffer`` for packed ``fixed``).
 
     Raises:
         PayloadError: the bytes are truncated, corrupted, inconsistent or over the budget.
@@ -621,11 +713,21 @@ def decode(buffer: Any, *, max_numel: int | None = None) -> Decoded:
         coder = CODEC_BY_ID[int(row["codec_id"])]
         body = data[begin + 4 * nb: begin + int(row["length"])]
         try:
-            symbols = coder.decode(body, numel, num_levels)
+            if packed and hasattr(coder, "decode_packed"):
+                seg = PackedSegment(int(row["layer_id"]), type_id, numel, bucket_size,
+                                    coder.decode_packed(body, numel, num_levels), norms, num_levels)
+            else:
+                symbols = coder.decode(body, numel, num_levels)
+                seg = Segment(int(row["layer_id"]), type_id, numel, bucket_size, symbols, norms,
+                              num_levels)
+                if packed:
+                    values = bits.pack_fixed(symbols.view(np.uint8) + np.uint8(num_levels - 1),
+                                             fixed_width(num_levels))
+                    seg = PackedSegment(seg.layer_id, type_id, numel, bucket_size, values, norms,
+                                        num_levels)
         except CodecError as e:
             raise PayloadError(f"segment {i} (layer {int(row['layer_id'])}, {coder.name}): {e}") from None
-        segments.append(Segment(int(row["layer_id"]), type_id, numel, bucket_size, symbols, norms,
-                                num_levels))
+        segments.append(seg)
         names.append(coder.name)
     raw = [
         RawSegment(int(row["layer_id"]),

@@ -416,7 +416,7 @@ def test_segment_argument_errors(overrides, exc, match):
 
 LEVELS = {0: np.array([0.0, 1.0], np.float32)}
 ENCODE_ERRORS = [
-    (dict(codec="huffman"), ValueError, r"unknown codec 'huffman'; choose from \['auto', 'fixed', 'ans', 'elias', 'zstd'\]"),
+    (dict(codec="huffman"), ValueError, r"unknown codec 'huffman'; choose from \['auto', 'fixed', 'ans', 'elias', 'zstd', 'rans'\]"),
     (dict(codec=3), TypeError, r"codec must be a str or a sequence of str, got int"),
     (dict(codec=["ans", "ans"]), ValueError, r"one name per segment; got 2 names for 1 segments"),
     (dict(bandwidth=-1.0), ValueError, r"bandwidth must be a positive number"),
@@ -434,7 +434,7 @@ ENCODE_ERRORS = [
     (dict(segments=[Segment(**_seg()), Segment(**_seg(layer_id=1, num_levels=3,
                                                       symbols=np.zeros(3, np.int8)))]),
      ValueError, r"num_levels=3 but type_id 0 has 2 levels"),
-    (dict(segments=[np.zeros(3, np.int8)]), TypeError, r"segments\[0\] must be a Segment, got ndarray"),
+    (dict(segments=[np.zeros(3, np.int8)]), TypeError, r"segments\[0\] must be a Segment or PackedSegment, got ndarray"),
     (dict(raw=[np.zeros(3, np.float32)]), TypeError, r"raw\[0\] must be a RawSegment"),
 ]
 
