@@ -52,6 +52,7 @@ _M32 = np.uint64(0xFFFFFFFF)
 _MIX1 = np.uint64(0x7FEB352D)
 _MIX2 = np.uint64(0x846CA68B)
 _S15, _S16, _S32, _S8 = np.uint64(15), np.uint64(16), np.uint64(32), np.uint64(8)
+_U2 = np.uint64(2)
 
 
 def packed_size(numel: int, width: int) -> int:
@@ -127,9 +128,25 @@ def _bucket_norm(x, s, e, linf, sq, p2):
     return np.float32(math.sqrt(sq[0]))
 
 
+@njit(inline="always")
+def _cell(u, shift):
+    """``bits(u) >> shift`` as an unsigned index (u >= 0): unsigned indices need no negative
+    wrap-around check, which keeps the table lookups vectorizable."""
+    return np.uint64(np.uint32(_f32_bits(u))) >> shift
+
+
+@njit(inline="always")
+def _round_value(v, t, top, counter, k0, k1, L):
+    """Stochastic rounding of position ``t`` (clamped to the top level), as a packed value."""
+    t = min(t, top)
+    f = np.floor(t)
+    m = np.int32(f) + np.int32(_noise(counter, k0, k1) < t - f)
+    return np.uint8(L - 1 + m) if v >= 0 else np.uint8(L - 1 - m)
+
+
 @njit(cache=True, nogil=True)
 def _symbols(xs, nrm, first, k0, k1, L, uniform, shift, last_cell, steps, bounds, slope, offset,
-             vals):
+             terms, term_lo, term_scale, vals):
     """Values ``symbol + L - 1`` of the bucket ``xs`` into ``vals`` (same length); ``first`` is
     the counter of ``xs[0]``. Returns 1 if the norm is NaN/Inf. (Slices, not offsets: indices
     from ``range`` are provably non-negative, which lets LLVM vectorize the loops.)"""
@@ -152,19 +169,62 @@ def _symbols(xs, nrm, first, k0, k1, L, uniform, shift, last_cell, steps, bounds
             vals[i] = np.uint8(L - 1 + m) if v >= 0 else np.uint8(L - 1 - m)
     else:
         inv = np.float32(1.0) / nrm
-        for i in range(k):
-            v = xs[i]
-            u = abs(v) * inv
-            c = np.int64(_f32_bits(u)) >> shift
-            if c > last_cell:
-                c = last_cell
-            for j in range(steps):
-                c = 2 * c + np.int64(u >= bounds[j, c])
-            t = min(u * slope[c] + offset[c], top)
-            f = np.floor(t)
-            up = _noise(first + np.uint64(i), k0, k1) < t - f
-            m = np.int32(f) + np.int32(up)
-            vals[i] = np.uint8(L - 1 + m) if v >= 0 else np.uint8(L - 1 - m)
+        if terms == 7:
+            for i in range(k):
+                v = xs[i]
+                u = abs(v) * inv
+                t = np.float32(0.0)
+                for q in range(7):  # fixed count: unrolled and vectorized
+                    t += min(max((u - term_lo[q]) * term_scale[q], np.float32(0.0)), np.float32(1.0))
+                vals[i] = _round_value(v, t, top, first + np.uint64(i), k0, k1, L)
+            return 0
+        if terms == 15:
+            for i in range(k):
+                v = xs[i]
+                u = abs(v) * inv
+                t = np.float32(0.0)
+                for q in range(15):
+                    t += min(max((u - term_lo[q]) * term_scale[q], np.float32(0.0)), np.float32(1.0))
+                vals[i] = _round_value(v, t, top, first + np.uint64(i), k0, k1, L)
+            return 0
+        # the walk inside a cell unrolled by its (table-wide) depth: a loop of variable trip
+        # count inside the coordinate loop keeps LLVM from vectorizing it
+        if steps == 0:
+            for i in range(k):
+                v = xs[i]
+                u = abs(v) * inv
+                c = min(_cell(u, shift), last_cell)
+                vals[i] = _round_value(v, u * slope[c] + offset[c], top, first + np.uint64(i),
+                                       k0, k1, L)
+        elif steps == 1:
+            b0 = bounds[0]
+            for i in range(k):
+                v = xs[i]
+                u = abs(v) * inv
+                c = min(_cell(u, shift), last_cell)
+                c = _U2 * c + np.uint64(u >= b0[c])
+                vals[i] = _round_value(v, u * slope[c] + offset[c], top, first + np.uint64(i),
+                                       k0, k1, L)
+        elif steps == 2:
+            b0 = bounds[0]
+            b1 = bounds[1]
+            for i in range(k):
+                v = xs[i]
+                u = abs(v) * inv
+                c = min(_cell(u, shift), last_cell)
+                c = _U2 * c + np.uint64(u >= b0[c])
+                c = _U2 * c + np.uint64(u >= b1[c])
+                vals[i] = _round_value(v, u * slope[c] + offset[c], top, first + np.uint64(i),
+                                       k0, k1, L)
+        else:
+            for i in range(k):
+                v = xs[i]
+                u = abs(v) * inv
+                c = min(_cell(u, shift), last_cell)
+                for j in range(steps):
+                    c = _U2 * c + np.uint64(u >= bounds[j, c])
+                vals[i] = _round_value(v, u * slope[c] + offset[c], top, first + np.uint64(i),
+                                       k0, k1, L)
     return 0
 
 
@@ -214,7 +274,8 @@ def _pack(vals, count, width, out, byte0):
 
 @njit(cache=True, nogil=True, parallel=True)
 def _quantize_pack_kernel(x, n, base, bucket, linf, k0, k1, L, width, uniform, shift, last_cell,
-                          steps, bounds, slope, offset, ranges, out, norms):
+                          steps, bounds, slope, offset, terms, term_lo, term_scale, ranges, out,
+                          norms):
     nthreads = ranges.size - 1
     bad = np.zeros(nthreads, dtype=np.int64)
     p2 = 1
@@ -236,7 +297,8 @@ def _quantize_pack_kernel(x, n, base, bucket, linf, k0, k1, L, width, uniform, s
                 nrm = _bucket_norm(x, s, e, linf, sq, p2)
                 norms[b + j] = nrm
                 bad[t] += _symbols(x[s:e], nrm, base + s, k0, k1, L, uniform, shift,
-                                   last_cell, steps, bounds, slope, offset, vals[o:o + e - s])
+                                   last_cell, steps, bounds, slope, offset, terms, term_lo,
+                                   term_scale, vals[o:o + e - s])
                 o += e - s
             _pack(vals, o, width, out, (b * bucket * width) // 8)
             b += nb
@@ -330,9 +392,10 @@ def quantize_pack(x: np.ndarray, table: LevelTable, bucket_size: int, norm: str,
     ranges = work_ranges(nb, bucket_size, numba.get_num_threads())
     bad = _quantize_pack_kernel(x, n, base, bucket_size, norm == "linf", np.uint64(key[0]),
                                 np.uint64(key[1]),
-                                table.num_levels, table.width, table.uniform, table.shift,
-                                table.last_cell, table.steps, table.bounds, table.slope,
-                                table.offset, ranges, out, norms)
+                                table.num_levels, table.width, table.uniform,
+                                np.uint64(table.shift), np.uint64(table.last_cell), table.steps,
+                                table.bounds, table.slope, table.offset, table.terms,
+                                table.term_lo, table.term_scale, ranges, out, norms)
     return out, norms, int(bad)
 
 

@@ -86,8 +86,9 @@ def _norms_kernel(x_ptr, norms_ptr, n, bucket, LINF: tl.constexpr, P2: tl.conste
 @triton.jit
 def _quantize_pack_kernel(x_ptr, norms_ptr, out_ptr, n, base, bucket, k0, k1, L,
                           bounds_ptr, slope_ptr, offset_ptr, shift, last_cell, leaves,
+                          term_lo_ptr, term_scale_ptr,
                           WIDTH: tl.constexpr, UNIFORM: tl.constexpr, STEPS: tl.constexpr,
-                          GROUPS: tl.constexpr):
+                          TERMS: tl.constexpr, GROUPS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     g = pid * GROUPS + tl.arange(0, GROUPS)
     i = g[:, None] * 8 + tl.arange(0, 8)[None, :]  # [GROUPS, 8] coordinate indices
@@ -99,6 +100,14 @@ def _quantize_pack_kernel(x_ptr, norms_ptr, out_ptr, n, base, bucket, k0, k1, L,
     safe = tl.where(ok, nrm, 1.0)
     if UNIFORM:
         t = tl.minimum(tl.abs(x) * tl.div_rn(top, safe), top)
+    elif TERMS > 0:  # the interval sum, terms added in the CPU kernel's order
+        u = tl.abs(x) * tl.div_rn(tl.full(x.shape, 1.0, tl.float32), safe)
+        t = tl.zeros(x.shape, tl.float32)
+        for q in tl.static_range(TERMS):
+            lo = tl.load(term_lo_ptr + q)
+            sc = tl.load(term_scale_ptr + q)
+            t += tl.minimum(tl.maximum((u - lo) * sc, 0.0), 1.0)
+        t = tl.minimum(t, top)
     else:
         u = tl.abs(x) * tl.div_rn(tl.full(x.shape, 1.0, tl.float32), safe)
         c = tl.minimum(u.to(tl.int32, bitcast=True) >> shift, last_cell)
@@ -158,6 +167,8 @@ def _device_tables(table: LevelTable, device: torch.device):
     if hit is None or hit[0] is not table:
         hit = (table, torch.from_numpy(table.bounds.reshape(-1)).to(device),
                torch.from_numpy(table.slope).to(device), torch.from_numpy(table.offset).to(device),
+               torch.from_numpy(table.term_lo).to(device),
+               torch.from_numpy(table.term_scale).to(device),
                torch.from_numpy(table.values).to(device))
         _TABLES[key] = hit
     return hit[1:]
@@ -179,13 +190,14 @@ def quantize_pack(x: torch.Tensor, table: LevelTable, bucket_size: int, norm: st
     p2 = 1 << max(0, (bucket_size - 1).bit_length())
     _norms_kernel[(nb,)](x, norms, n, bucket_size, LINF=norm == "linf", P2=p2,
                          LOG2=p2.bit_length() - 1, enable_fp_fusion=False)
-    bounds, slope, offset, _ = _device_tables(table, x.device)
+    bounds, slope, offset, term_lo, term_scale, _ = _device_tables(table, x.device)
     leaves = table.bounds.shape[1]
     grid = (-(-n // (8 * _GROUPS)),)
     _quantize_pack_kernel[grid](x, norms, out, n, base, bucket_size, key[0], key[1],
                                 table.num_levels, bounds, slope, offset, table.shift,
-                                table.last_cell, leaves, WIDTH=table.width,
-                                UNIFORM=table.uniform, STEPS=table.steps, GROUPS=_GROUPS,
+                                table.last_cell, leaves, term_lo, term_scale, WIDTH=table.width,
+                                UNIFORM=table.uniform, STEPS=table.steps, TERMS=table.terms,
+                                GROUPS=_GROUPS,
                                 enable_fp_fusion=False)
     bad = int((~torch.isfinite(norms)).sum())
     return out, norms, bad
