@@ -24,10 +24,12 @@ Example::
     >>> from qoda_hvd.quant import uniform_levels
     >>> t = level_table(uniform_levels(8))
     >>> x = np.linspace(-1, 1, 3000).astype(np.float32)
-    >>> packed, norms = quantize_pack(x, t, 1024, "l2", stream_key(0, 0, 0))
+    >>> packed, norms, bad = quantize_pack(x, t, 1024, "l2", stream_key(0, 0, 0))
     >>> packed.size, norms.size
     (1500, 3)
-    >>> out = np.zeros_like(x); dequantize_into(packed, norms, t, 1024, out, accumulate=False)
+    >>> out = np.zeros_like(x)
+    >>> dequantize_into(packed, norms, t, 1024, out, accumulate=False)  # invalid values found
+    0
     >>> float(np.abs(out - x).max()) < 0.2
     True
 """

@@ -20,15 +20,16 @@ payload.
 Without a GPU, ``TRITON_INTERPRET=1`` (set before this module is imported) runs the same kernels
 on CPU tensors with numpy; the tests compare them with :mod:`.cpu` bit for bit that way.
 
-Example::
+Example (on a GPU)::
 
-    >>> import torch                                                     # doctest: +SKIP
-    >>> from qoda_hvd.kernels import level_table, stream_key
-    >>> from qoda_hvd.kernels.gpu import quantize_pack, dequantize_into
-    >>> t = level_table(torch.linspace(0, 1, 8))
-    >>> x = torch.randn(4096, device="cuda")
-    >>> packed, norms, bad = quantize_pack(x, t, 1024, "l2", stream_key(0, 0, 0))
-    >>> out = torch.zeros_like(x); dequantize_into(packed, norms, t, 1024, out, accumulate=False)
+    >>> from qoda_hvd.kernels import level_table, stream_key              # doctest: +SKIP
+    >>> from qoda_hvd.kernels.gpu import quantize_pack, dequantize_into   # doctest: +SKIP
+    >>> t = level_table(torch.linspace(0, 1, 8))                          # doctest: +SKIP
+    >>> x = torch.randn(4096, device="cuda")                              # doctest: +SKIP
+    >>> packed, norms, bad = quantize_pack(x, t, 1024, "l2", stream_key(0, 0, 0))  # doctest: +SKIP
+    >>> out = torch.zeros_like(x)                                         # doctest: +SKIP
+    >>> dequantize_into(packed, norms, t, 1024, out, accumulate=False)    # doctest: +SKIP
+    0
 """
 from __future__ import annotations
 
