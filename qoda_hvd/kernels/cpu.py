@@ -30,7 +30,8 @@ Example::
     >>> out = np.zeros_like(x)
     >>> dequantize_into(packed, norms, t, 1024, out, accumulate=False)  # invalid values found
     0
-    >>> float(np.abs(out - x).max()) < 0.2
+    >>> gap = np.repeat(norms, 1024)[:3000] / 7   # one level step, per coordinate
+    >>> bool((np.abs(out - x) <= gap * 1.0001).all())
     True
 """
 from __future__ import annotations

@@ -15,7 +15,8 @@ Example::
     >>> out = torch.zeros(5000)
     >>> dequantize_into(packed, norms, t, 1024, out, accumulate=False)  # invalid values found
     0
-    >>> bool((out - x).abs().max() < 1.0)
+    >>> gap = torch.from_numpy(norms).repeat_interleave(1024)[:5000] / 7  # one level step
+    >>> bool(((out - x).abs() <= gap * 1.0001).all())
     True
 """
 from __future__ import annotations
