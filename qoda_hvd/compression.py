@@ -142,14 +142,16 @@ def layerwise(bits: Optional[int] = None, levels: str = "optimal", coding: Optio
               types: Any = None, bucket_size: Optional[int] = None, min_numel: int = 1024,
               norm: str = "l2", schedule: tuple = (0, 200, 1000, 5000), every: int = 10_000,
               allocate: bool = False, bandwidth: Optional[float] = None,
-              fallback: bool = False, seed: Optional[int] = None) -> LayerwiseCompressor:
+              fallback: bool = False, seed: Optional[int] = None,
+              threads: Optional[int] = None) -> LayerwiseCompressor:
     """Layer-wise quantization with entropy coding (see :class:`~qoda_hvd.config.LayerwiseConfig`).
 
     Args:
         bits: bits per symbol before coding, in [2, 8] (default 4, or ``QODA_BITS``).
         levels: ``"optimal"`` (adapted, MQV), ``"uniform"`` or ``"exponential"``.
-        coding: ``"auto"``, ``"ans"``, ``"elias"``, ``"fixed"`` or ``"zstd"`` (default
-            ``"auto"``, or ``QODA_CODING``).
+        coding: ``"auto"`` (``fixed`` or ``rans`` by the link rate, measured when no
+            ``bandwidth`` is given), ``"rans"``, ``"fixed"``, ``"ans"``, ``"elias"`` or ``"zstd"``
+            (default ``"auto"``, or ``QODA_CODING``).
         types: ``None`` (rules on names and shapes), an ``nn.Module`` (module classes too),
             ``{pattern: type}`` overrides, or ``"auto"`` (grouped by gradient statistics at the
             first step; the number of types is chosen too).
@@ -162,6 +164,7 @@ def layerwise(bits: Optional[int] = None, levels: str = "optimal", coding: Optio
         fallback: time exchanges 1-3 quantized and 5-7 as one float32 allreduce, then all
             ranks keep the faster (compression does not pay on a fast link or a slow codec).
         seed: seed of the rounding noise (default 0, or ``QODA_SEED``); mixed with the rank.
+        threads: CPU threads of the codec's kernels (default ``torch.get_num_threads()``).
 
     Example::
 
@@ -176,7 +179,7 @@ def layerwise(bits: Optional[int] = None, levels: str = "optimal", coding: Optio
         bits=given(bits, QODA_BITS, 4), levels=levels, coding=given(coding, QODA_CODING, "auto", str),
         types=types, bucket_size=given(bucket_size, QODA_BUCKET_SIZE, 1024), min_numel=min_numel,
         norm=norm, schedule=tuple(schedule), every=every, allocate=allocate, bandwidth=bandwidth,
-        fallback=fallback, seed=given(seed, QODA_SEED, 0))
+        fallback=fallback, seed=given(seed, QODA_SEED, 0), threads=threads)
     return LayerwiseCompressor(config)
 
 

@@ -93,6 +93,9 @@ class LayerwiseConfig:
             faster for the rest of training, all ranks alike; see
             :mod:`qoda_hvd.comm.exchange`.
         seed: seed of the rounding noise, mixed with the rank (``QODA_SEED``).
+        threads: CPU threads of the codec's kernels, in [1, 1024]; ``None`` follows
+            ``torch.get_num_threads()`` (launchers usually set 1 per rank; raise it where a
+            rank has idle cores).
     """
 
     bits: int = 4
@@ -108,9 +111,12 @@ class LayerwiseConfig:
     bandwidth: Optional[float] = None
     fallback: bool = False
     seed: int = 0
+    threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_int("bits", self.bits, 2, 8)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1, 1024)
         _check_choice("levels", self.levels, LEVEL_FAMILIES)
         _check_choice("coding", self.coding, CODINGS)
         _check_int("bucket_size", self.bucket_size, 16, 1 << 24)

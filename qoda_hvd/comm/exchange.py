@@ -186,6 +186,7 @@ class LayerwiseExchange:
         bandwidth: link bytes/s for ``coding="auto"``.
         fallback: keep sending float32 (one allreduce) if, measured, it is faster than
             compressing (module doc).
+        threads: CPU threads of the codec kernels (None: ``torch.get_num_threads()``).
 
     Example::
 
@@ -204,8 +205,11 @@ class LayerwiseExchange:
     def __init__(self, typing: LayerTyping, named_parameters: Sequence[tuple[str, torch.Tensor]],
                  quantizer: LayerwiseQuantizer, communicator: Communicator,
                  strategy: str = "allgather", coding: str = "auto", average: bool = True,
-                 seed: int = 0, bandwidth: Optional[float] = None, fallback: bool = False) -> None:
+                 seed: int = 0, bandwidth: Optional[float] = None, fallback: bool = False,
+                 threads: Optional[int] = None) -> None:
         self.typing = typing
+        #: CPU threads of the codec kernels (None: ``torch.get_num_threads()``).
+        self.threads = threads
         self.lq = quantizer
         self.comm = communicator
         self.strategy = choose_strategy(strategy, communicator.size)
@@ -279,7 +283,8 @@ class LayerwiseExchange:
         table = self._table(q.levels)
         key = stream_key(self.seed, self.comm.rank, self.step, phase)
         packed, norms = quantize_pack(x, table, q.bucket_size, q.norm, key,
-                                      base=self._bases[tid] + base, nonfinite=q.nonfinite)
+                                      base=self._bases[tid] + base, nonfinite=q.nonfinite,
+                                      threads=self.threads)
         return PackedSegment(tid, tid, x.numel(), q.bucket_size, packed, norms, q.num_levels)
 
     def _link(self) -> tuple[Optional[float], Optional[dict]]:
@@ -350,7 +355,7 @@ class LayerwiseExchange:
                                f"{seg.bucket_size}, expected "
                                f"{mine.bucket_size if mine else 'a type of this model'}")
         bad = dequantize_into(seg.packed, seg.norms, self._table(levels), seg.bucket_size, out,
-                              accumulate=accumulate)
+                              accumulate=accumulate, threads=self.threads)
         if bad:
             raise PayloadError(f"payload from rank {sender}, segment of type {seg.type_id}: "
                                f"{bad} packed value(s) outside the alphabet of "
