@@ -11,6 +11,10 @@ every method in turn on the same models (see ``bench/e2e_worker.py`` for what ea
 4. ``qoda_allgather`` / ``qoda_scatter_gather``: QODA with layer-wise quantization and entropy
    coding (ours), one exchange per iteration, both exchange strategies; and ``qoda_fallback``,
    the same with ``fallback=True`` (measures both paths in its first exchanges, keeps the faster).
+5. ``psgd_global`` / ``psgd_layerwise``: QODA with PowerSGD (``Compression.powersgd``), one rank
+   ``R`` everywhere, and per-type ranks by L-GreCo's DP under the error budget of rank ``R``;
+6. ``ddp_powersgd`` (LM only): the peer, PyTorch DDP over gloo with torch's own
+   ``powerSGD_hook`` at the same rank (error feedback, warm start), same QODA update.
 
 Models: a WGAN-GP with ResNet G/D at CIFAR size (32x32x3; the builders of examples/wgan_gp.py
 when that file provides them, else a labelled stand-in) and a communication-heavy transformer
@@ -62,12 +66,17 @@ METHOD_LABELS = {
     "qoda_scatter_gather": "(4) QODA layer-wise, scatter_gather",
     "qoda_fallback": "(4) QODA, fallback",
     "qoda_layerwise": "(4) QODA layer-wise",
+    "psgd_global": "(5) QODA PowerSGD, global rank",
+    "psgd_layerwise": "(5) QODA PowerSGD, layer-wise ranks",
+    "ddp_powersgd": "(6) DDP powerSGD_hook (gloo)",
 }
 
 _COMMON = {"bits": 4, "levels": "optimal", "coding": "auto",
            "methods": ["hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather",
                        "qoda_scatter_gather", "qoda_fallback"],
-           "vi_methods": ["hvd_fp32", "eg_global", "qoda_layerwise"]}
+           "vi_methods": ["hvd_fp32", "eg_global", "qoda_layerwise"],
+           # PowerSGD rows: rank R of the global row, the budget of the layer-wise one, DDP's.
+           "lowrank_methods": ["psgd_global", "psgd_layerwise", "ddp_powersgd"], "psgd_rank": 8}
 
 #: Sizes per mode. Full: the WGAN-GP at the paper's width (128 filters, latent 128; 2.2M
 #: parameters with the stand-in; batch 4 per rank to bound CPU time), the LM at 23.1M parameters, the game at d = 2.1M.
@@ -144,10 +153,16 @@ def step_table(runs: list[dict], model: str) -> list[str]:
              f"{'nodes':>5} {'link':>8} {'method':<36} {'ms/iter':>8} {'vs (1)':>7} "
              f"{'sent MB':>8} {'wire MB':>8} {'compute':>8} {'q+enc':>7} {'exch':>7} "
              f"{'dec':>7} {'bits':>5}"]
+    ranks_lines = []
     for run in runs:
         res = run["models"][model]["methods"]
+        low = run["models"][model].get("lowrank", {})
         base = res["hvd_fp32"]["step_s"]
-        for name, r in res.items():
+        for name, r in low.items():
+            if r.get("ranks"):
+                ranks_lines.append(f"  {run['nodes']} nodes {run['bandwidth']:>8} {name} (R = "
+                                   f"{r.get('psgd_rank')}): ranks {r['ranks']}")
+        for name, r in {**res, **low}.items():
             if name == "compute":
                 lines.append(f"{run['nodes']:>5} {run['bandwidth']:>8} {'compute only (no comm.)':<36} "
                              f"{_ms(r['step_s']):>8}")
@@ -169,6 +184,8 @@ def step_table(runs: list[dict], model: str) -> list[str]:
                 f"{_mb(wire):>8} {_ms(r['compute_s']):>8} {_ms(r['qenc_s']):>7} "
                 f"{_ms(r['exchange_s']):>7} {_ms(r['decode_s']):>7} "
                 f"{'-' if bits is None else f'{bits:.2f}':>5}")
+    if ranks_lines:
+        lines += ["PowerSGD ranks per layer type:"] + ranks_lines
     return lines
 
 
@@ -220,6 +237,18 @@ def goals(runs: list[dict]) -> list[str]:
             else:
                 lines.append(f"  {tag} fp32 comm {share:.0%} (< 60%, goal n/a): {vs1:.2f}x vs "
                              f"(1), {vs3:.2f}x vs (3)")
+            low = m.get("lowrank", {})
+            psgd = [low[k] for k in ("psgd_global", "psgd_layerwise") if k in low]
+            if psgd:
+                best_p = min(psgd, key=lambda r: r["step_s"])
+                ddp = low.get("ddp_powersgd")
+                peer = (f", {ddp['step_s'] / best_p['step_s']:.2f}x vs (6) DDP powerSGD_hook"
+                        if ddp else "")
+                goal = (f" (goal >= 2x at 1gbit: "
+                        f"{'met' if fp32['step_s'] / best_p['step_s'] >= 2 else 'NOT met'})"
+                        if model == "lm" and run["bandwidth"] == "1gbit" else "")
+                lines.append(f"  {'':<{len(tag)}} PowerSGD ({best_p['method']}): "
+                             f"{fp32['step_s'] / best_p['step_s']:.2f}x vs (1){peer}{goal}")
             fb = res.get("qoda_fallback")
             if fb is not None:  # reported apart: it may not be quantizing at all
                 lines.append(f"  {'':<{len(tag)}} with fallback (sent {fb.get('sends') or '?'}): "
@@ -228,12 +257,32 @@ def goals(runs: list[dict]) -> list[str]:
     return lines
 
 
+def lowrank_bytes_vs_k(runs: list[dict]) -> list[str]:
+    """PowerSGD's bytes per rank per step at each node count of one link rate (the goal: the
+    same whatever K, as low-rank factors are summed, not gathered)."""
+    lines = []
+    for bw in sorted({r["bandwidth"] for r in runs}):
+        sel = sorted((r for r in runs if r["bandwidth"] == bw), key=lambda r: r["nodes"])
+        if len(sel) < 2:
+            continue
+        for model in sel[0]["models"]:
+            for name in ("psgd_global", "psgd_layerwise"):
+                vals = [(r["nodes"], r["models"][model].get("lowrank", {}).get(name))
+                        for r in sel]
+                vals = [(k, v["bytes_sent"]) for k, v in vals if v]
+                if len(vals) >= 2:
+                    lines.append(f"  {bw:>8} {model:<8} {name:<15} sent MB/step by K: " + ", ".join(
+                        f"K={k}: {b / 1e6:.3f}" for k, b in vals))
+    return ["PowerSGD bytes per rank per step vs K (goal: constant in K):"] + lines if lines else []
+
+
 def report(runs: list[dict], vi) -> str:
     lines = []
     for model in runs[0]["models"]:
         lines += step_table(runs, model) + [""]
     if vi and all("vi" in r for r in runs):
         lines += vi_table(runs) + [""]
+    lines += lowrank_bytes_vs_k(runs)
     return "\n".join(lines + goals(runs))
 
 
@@ -255,8 +304,12 @@ def plot(runs: list[dict], path: Path) -> str:
         labels = [r["bandwidth"] for r in sel]
         for j, model in enumerate(models):
             ax = axes[i][j]
-            for name in sel[0]["models"][model]["methods"]:
-                ys = [r["models"][model]["methods"][name]["step_s"] for r in sel]
+            rows = [{**r["models"][model]["methods"], **r["models"][model].get("lowrank", {})}
+                    for r in sel]
+            for name in rows[0]:
+                if not all(name in row for row in rows):
+                    continue
+                ys = [row[name]["step_s"] for row in rows]
                 label = "compute only" if name == "compute" else METHOD_LABELS[name]
                 ax.plot(range(len(sel)), ys, "o-" if name != "compute" else "k--", label=label)
             ax.set_xticks(range(len(sel)), labels)
@@ -287,6 +340,8 @@ def main(argv=None) -> int:
     parser.add_argument("--coding", choices=("auto", "ans", "zstd", "fixed", "elias"),
                         help="codec of the quantized methods (default auto, told the link rate)")
     parser.add_argument("--no-vi", action="store_true", help="skip the time-to-target game")
+    parser.add_argument("--psgd-rank", type=int,
+                        help="PowerSGD rank R of the low-rank rows (default 8; 0: no such rows)")
     parser.add_argument("--no-example", action="store_true",
                         help="use the stand-in G/D even if examples/wgan_gp.py has builders")
     parser.add_argument("--report", type=Path, metavar="JSON",
@@ -317,6 +372,13 @@ def main(argv=None) -> int:
         cfg["steps"] = args.steps
     if args.no_vi:
         cfg["vi"] = None
+    if args.psgd_rank is not None:
+        if args.psgd_rank < 0:
+            parser.error(f"--psgd-rank must be >= 0, got {args.psgd_rank}")
+        if args.psgd_rank == 0:
+            cfg["lowrank_methods"] = []
+        else:
+            cfg["psgd_rank"] = args.psgd_rank
     if args.coding:
         cfg["coding"] = args.coding
     # Decide the G/D source once, so every job of this run trains the same models even if

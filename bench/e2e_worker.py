@@ -20,6 +20,18 @@ What it measures, per model (a WGAN-GP at CIFAR size and a communication-heavy t
   quantized and 5-7 as one float32 allreduce, then all ranks keep the faster (so it warms up 8
   iterations); its row says what it ended up sending.
 
+Low-rank rows (kept apart under ``"lowrank"`` in the results, timed in the same interleaved
+rounds as the rows above):
+
+- ``psgd_global`` / ``psgd_layerwise``: ``qoda_hvd.DistributedOptimizer(QODA)`` with
+  ``Compression.powersgd(rank=R)`` (one rank everywhere) and with ``layerwise=True`` (per-type
+  ranks by L-GreCo's DP under the error budget of rank R); one round of two allreduces;
+- ``ddp_powersgd`` (LM only): the peer a user would pick instead, PyTorch DDP (gloo backend,
+  over the same emulated link) with torch's own ``powerSGD_hook`` at the same rank, error
+  feedback and warm start on, ``min_compression_rate`` 2, same-shape batching, and the same
+  QODA update. Its bytes are derived from the hook's own element counts (two ring allreduces).
+  Not for the WGAN-GP: its gradient penalty needs double backward, which DDP does not support.
+
 Both quantized methods use the same bits, level family (``optimal``), bucket size and codec
 policy (``coding="auto"`` told the link rate), so they differ only in the typing and in the
 number of exchanges. Each step is timed between barriers; the per-phase times come from
@@ -50,8 +62,11 @@ WGAN_EXAMPLE = ROOT / "examples" / "wgan_gp.py"
 #: Methods of the per-step comparison, in table order.
 STEP_METHODS = ("hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather", "qoda_scatter_gather",
                 "qoda_fallback")
-#: Warm-up iterations a method needs before its steady state is timed (the fallback's probe).
-MIN_WARMUP = {"qoda_fallback": 8}
+#: Low-rank methods, reported apart (``"lowrank"``); ``ddp_powersgd`` on the LM only.
+LOWRANK_METHODS = ("psgd_global", "psgd_layerwise", "ddp_powersgd")
+#: Warm-up iterations a method needs before its steady state is timed (the fallback's probe;
+#: torch's hook allreduces plainly until ``start_powerSGD_iter`` = 2, the least it allows).
+MIN_WARMUP = {"qoda_fallback": 8, "ddp_powersgd": 3}
 #: Methods of the time-to-target comparison.
 VI_METHODS = ("hvd_fp32", "eg_global", "qoda_layerwise")
 
@@ -325,6 +340,16 @@ class Method:
         bits, levels = cfg["bits"], cfg["levels"]
         if name == "compute":
             self.opt, self.kind = base, "plain"
+        elif name == "ddp_powersgd":
+            self.opt, self.kind = base, "ddp"
+            self.hook_state = model.hook_state  # the DDP wrapper's PowerSGDState
+        elif name.startswith("psgd"):
+            comp = qoda_hvd.Compression.powersgd(rank=cfg.get("psgd_rank", 8),
+                                                 types=cfg.get("types") or model,
+                                                 layerwise=name == "psgd_layerwise")
+            self.opt = qoda_hvd.DistributedOptimizer(base, named_parameters=named,
+                                                     compression=comp)
+            self.kind = "qoda"
         elif name.startswith("hvd"):
             comp = hvd.Compression.fp16 if name == "hvd_fp16" else hvd.Compression.none
             self.opt = hvd.DistributedOptimizer(base, named_parameters=named, compression=comp)
@@ -353,6 +378,8 @@ class Method:
         opt.step()
 
     def phase_times(self) -> dict:
+        if self.kind == "ddp":  # floats the hook sent so far (P + Q + uncompressed)
+            return {"ddp_numel": self.hook_state.total_numel_after_compression}
         if self.kind != "qoda":
             return {}
         s = self.opt.compression_stats()
@@ -384,7 +411,8 @@ def time_methods(methods: list, warmup: int, steps: int, wire: bool) -> list[dic
             elapsed = time.perf_counter() - t0
             p1, w1 = method.phase_times(), _wire_counters() if use_wire else None
             row = {"time": elapsed}
-            for key in ("qenc", "exch", "dec", "sent", "recv", "exchanges", "enc_bytes", "coords"):
+            for key in ("qenc", "exch", "dec", "sent", "recv", "exchanges", "enc_bytes", "coords",
+                        "ddp_numel"):
                 if key in p1:
                     row[key] = p1[key] - p0[key]
             if w0 is not None and w1 is not None:
@@ -418,6 +446,15 @@ def summarise(per_rank: list[dict], name: str, numel: int, k: int, compute_s: Op
     if name == "compute":
         out.update(compute_s=step_time, qenc_s=0.0, exchange_s=0.0, decode_s=0.0,
                    bytes_sent=0, bytes_received=0, bytes_source="no communication")
+    elif name == "ddp_powersgd":
+        floats = med("ddp_numel")  # a plain allreduce on a step would show up here: none timed
+        ring = 2 * (k - 1) * 4 * floats / k
+        out.update(bytes_sent=ring, bytes_received=ring, strategy="ddp powerSGD_hook",
+                   bytes_source="derived (the hook's element counts, ring allreduces)",
+                   bits_per_coordinate=32.0 * floats / numel)
+        out["compute_s"] = compute_s
+        out["exchange_s"] = None if compute_s is None else max(step_time - compute_s, 0.0)
+        out["qenc_s"] = out["decode_s"] = 0.0
     elif name.startswith("hvd"):
         width = 2 if name == "hvd_fp16" else 4
         ring = 2 * (k - 1) * numel * width // k  # what a ring allreduce moves per rank
@@ -464,26 +501,115 @@ def run_model(model_name: str, cfg: dict, link_bytes, wire: bool) -> dict:
                     list(model.parameters()))
         lr = 1e-3
     names = ("compute",) + tuple(m for m in STEP_METHODS if m in cfg["methods"])
+    lowrank = [m for m in LOWRANK_METHODS if m in cfg.get("lowrank_methods", ())]
+    if model_name != "lm" or ("ddp_powersgd" in lowrank and not _gloo_group(cfg)):
+        lowrank = [m for m in lowrank if m != "ddp_powersgd"]
     methods = []
-    for name in names:
+    for name in names + tuple(lowrank):
         model = _seeded(build, 0)
-        oracle, groups = bind(model)
+        if name == "ddp_powersgd":
+            ddp = _ddp_powersgd(model, cfg.get("psgd_rank", 8))
+            oracle, groups = bind(ddp)
+            model = ddp
+        else:
+            oracle, groups = bind(model)
         methods.append((Method(name, model, groups, cfg, link_bytes, "adaptive", lr), oracle))
     records = time_methods(methods, cfg["warmup"], cfg["steps"], wire)
-    results, compute_s = {}, None
+    results, low, compute_s = {}, {}, None
     for (method, _), rec in zip(methods, records):
         per_rank = hvd.allgather_object(rec)
         summary = summarise(per_rank, method.name, method.numel, k, compute_s,
                             method.extragradient)
         if method.name == "compute":
             compute_s = summary["step_s"]
-        results[method.name] = summary
+        if method.kind == "qoda" and method.name.startswith("psgd"):
+            summary["ranks"] = dict(method.opt._exchange.ranks)
+            summary["psgd_rank"] = cfg.get("psgd_rank", 8)
+        if method.name == "ddp_powersgd":
+            summary["psgd_rank"] = cfg.get("psgd_rank", 8)
+        (low if method.name in LOWRANK_METHODS else results)[method.name] = summary
         if rank == 0:
             print(f"  [{model_name}] {method.name:<20} {summary['step_s'] * 1e3:9.1f} ms/iteration",
                   flush=True)
     del methods
-    return {"source": source or "transformer LM (bench/e2e_worker.py TinyLM)",
-            "params": results["compute"]["numel"], "spec": spec, "methods": results}
+    out = {"source": source or "transformer LM (bench/e2e_worker.py TinyLM)",
+           "params": results["compute"]["numel"], "spec": spec, "methods": results}
+    if low:
+        out["lowrank"] = low
+    return out
+
+
+_GLOO: dict = {}
+
+
+def _own_address(wire: bool) -> str:
+    """This rank's address for torch.distributed: its emulated node's eth0, else loopback."""
+    if not wire:
+        return "127.0.0.1"
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", b"eth0"))  # SIOCGIFADDR
+    return socket.inet_ntoa(packed[20:24])
+
+
+def _gloo_group(cfg: dict) -> bool:
+    """A torch.distributed gloo group over the same ranks and links, once per job. Every rank
+    reports whether it joined, so all take the same branch (none waits for a peer that gave up)."""
+    if "ok" in _GLOO:
+        return _GLOO["ok"]
+    import datetime
+    import os
+    import socket
+
+    import horovod.torch as hvd
+    import torch.distributed as dist
+
+    err = None
+    try:
+        wire = bool(cfg.get("wire_counters"))
+        addr = _own_address(wire)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "eth0" if wire else "lo")
+        port = 0
+        if hvd.rank() == 0:
+            with socket.socket() as s:
+                s.bind((addr, 0))
+                port = s.getsockname()[1]
+        root, port = hvd.broadcast_object((addr, port), root_rank=0, name="e2e.gloo.addr")
+        dist.init_process_group("gloo", init_method=f"tcp://{root}:{port}", rank=hvd.rank(),
+                                world_size=hvd.size(), timeout=datetime.timedelta(seconds=60))
+    except Exception as e:  # reported in the table, never a hang
+        err = f"{type(e).__name__}: {e}"
+    oks = hvd.allgather_object(err is None)
+    _GLOO["ok"] = all(oks)
+    if not _GLOO["ok"]:
+        if hvd.rank() == 0:
+            print(f"  ddp_powersgd skipped: a rank could not join the gloo group ({err})", flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return _GLOO["ok"]
+
+
+def _ddp_powersgd(model: nn.Module, rank: int) -> nn.Module:
+    """``model`` in DDP (gloo) with torch's ``powerSGD_hook``: rank ``rank``, error feedback and
+    warm start on, PowerSGD from step 2 (the least torch allows with them)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    try:  # the mask buffer is the same everywhere: no per-step buffer broadcast
+        ddp = DDP(model, forward_sync_buffers=False)
+    except TypeError:  # torch before forward_sync_buffers
+        ddp = DDP(model, broadcast_buffers=False)
+    state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank,
+                               start_powerSGD_iter=2, min_compression_rate=2,
+                               use_error_feedback=True, warm_start=True,
+                               orthogonalization_epsilon=1e-8,
+                               batch_tensors_with_same_shape=True)
+    ddp.register_comm_hook(state, psgd.powerSGD_hook)
+    ddp.hook_state = state
+    return ddp
 
 
 def run_vi(cfg: dict, link_bytes, wire: bool) -> dict:
