@@ -3,15 +3,21 @@
 - allgather: ONE ``hvd.grouped_allgather([payload, length])`` (payload lengths differ by rank);
 - alltoall: ONE ``hvd.alltoall(cat(chunks), splits)``;
 - allreduce_sum: ``hvd.allreduce(op=hvd.Sum)``.
+
+And the few Horovod facts :func:`qoda_hvd.DistributedOptimizer` needs: whether this rank is in
+a process set, Horovod's own compressors, and ``broadcast_object`` for the exchange's state.
 """
 from __future__ import annotations
+
+from typing import Any, Optional
 
 import horovod.torch as hvd
 import torch
 
 from qoda_hvd.comm.base import Communicator
 
-__all__ = ["HorovodCommunicator"]
+__all__ = ["HorovodCommunicator", "broadcast_object", "horovod_compression_name",
+           "process_set_included", "reduce_op_name"]
 
 
 class HorovodCommunicator(Communicator):
@@ -74,3 +80,53 @@ def reduce_op_name(op) -> str:
     others = {getattr(hvd, n, None): n for n in ("Adasum", "Min", "Max", "Product")}
     shown = f"hvd.{others[op]}" if op in others else repr(op)
     raise ValueError(f"op must be hvd.Average or hvd.Sum (or 'average' / 'sum'), got {shown}")
+
+
+def process_set_included(process_set=None) -> bool:
+    """Whether this rank belongs to ``process_set`` (default: all ranks).
+
+    Example::
+
+        >>> process_set_included(hvd.global_process_set)    # doctest: +SKIP
+        True
+    """
+    if not hvd.is_initialized():
+        raise RuntimeError("Horovod has not been initialized; use hvd.init().")
+    ps = process_set if process_set is not None else hvd.global_process_set
+    if not isinstance(ps, hvd.ProcessSet):
+        raise TypeError(f"process_set must be a hvd.ProcessSet, got {type(ps).__name__}")
+    if ps.process_set_id is None or ps.ranks is None:
+        raise ValueError(f"{ps} is not registered with Horovod: pass it to "
+                         "hvd.init(process_sets=[...]) or add it with hvd.add_process_set(...) "
+                         "(HOROVOD_DYNAMIC_PROCESS_SETS=1) before building the optimizer")
+    return bool(ps.included())
+
+
+def horovod_compression_name(compression) -> Optional[str]:
+    """``"none"`` / ``"fp16"`` for Horovod's ``hvd.Compression.none`` / ``.fp16`` (the classes,
+    subclasses or instances), else ``None``.
+
+    Example::
+
+        >>> horovod_compression_name(hvd.Compression.fp16)
+        'fp16'
+    """
+    from horovod.torch.compression import FP16Compressor, NoneCompressor
+
+    cls = compression if isinstance(compression, type) else type(compression)
+    if issubclass(cls, FP16Compressor):
+        return "fp16"
+    if issubclass(cls, NoneCompressor):
+        return "none"
+    return None
+
+
+def broadcast_object(obj: Any, root_rank: int, name: str) -> tuple[Any, bool]:
+    """``(root's obj, whether this rank is the root)``: ``hvd.broadcast_object`` over all ranks
+    (the ranks of ``hvd.broadcast_optimizer_state``). A collective: every rank calls it.
+
+    Example::
+
+        >>> state, is_root = broadcast_object({"step": 3}, 0, "example")   # doctest: +SKIP
+    """
+    return hvd.broadcast_object(obj, root_rank=root_rank, name=name), hvd.rank() == root_rank

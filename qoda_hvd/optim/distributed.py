@@ -3,8 +3,8 @@
 Like ``horovod.torch.DistributedOptimizer`` it returns an instance of a subclass of the user's
 optimizer class (so ``isinstance``, ``param_groups``, ``state_dict()``, lr schedulers and
 ``hvd.broadcast_optimizer_state`` keep working), counts backward passes with gradient hooks,
-and keeps Horovod's names, defaults and misuse errors. Unlike it, the gradients are not
-allreduced tensor by tensor: at ``synchronize()`` they are fused, quantized per layer type,
+and keeps Horovod's keyword arguments, defaults and misuse errors. Unlike it, the gradients are
+not allreduced tensor by tensor: at ``synchronize()`` they are fused, quantized per layer type,
 entropy coded, exchanged in one collective (see :mod:`qoda_hvd.comm.exchange`), decoded and
 averaged, identically on every rank.
 
@@ -14,10 +14,19 @@ What one ``step()`` costs, by wrapped optimizer:
   plain optimizer: one exchange;
 - :class:`~qoda_hvd.optim.extragradient.ExtraGradient`: ``extrapolation()`` and ``step()``
   exchange once each, two per iteration (the baseline QODA improves on).
+
+A ``step()`` never starts a collective on one rank alone: ``hvd.broadcast_optimizer_state``
+calls ``step()`` on the ranks whose optimizer state is empty (to create it) and skips the
+gradient exchange only for Horovod's own optimizer class. Ours recognises that call, creates
+the state locally and puts the parameters back; the exchange's own state (its step, level
+tables, typing, fallback choice) then goes from the root to every rank with the optimizer
+state, so every rank continues from the root's state, bit-identically.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import sys
 import warnings
 from collections import Counter
 from typing import Any, Iterable, Optional
@@ -25,14 +34,38 @@ from typing import Any, Iterable, Optional
 import torch
 
 from qoda_hvd.comm.base import Communicator
-from qoda_hvd.comm.exchange import (AllreduceExchange, AutoTypedExchange, LayerwiseExchange,
-                                    choose_strategy)
+from qoda_hvd.comm.exchange import (AllreduceExchange, AutoTypedExchange, ExchangeStats,
+                                    LayerwiseExchange, choose_strategy)
 from qoda_hvd.compression import Compression, FP16Compressor, LayerwiseCompressor, NoneCompressor
 from qoda_hvd.config import EXCHANGES, QODA_EXCHANGE, env_default
 
 __all__ = ["DistributedOptimizer"]
 
 _STATE_KEY = "qoda_hvd"
+
+#: Frames above ``step()`` / ``state_dict()`` searched for Horovod's broadcast_optimizer_state
+#: (an lr scheduler wraps ``step`` in one more frame).
+_CALLER_DEPTH = 3
+
+
+def _horovod_state_broadcast_root(skip: int) -> Optional[int]:
+    """``root_rank`` if ``hvd.broadcast_optimizer_state`` is our caller, else ``None``.
+
+    Recognised by identity of its code object, so no other caller can be mistaken for it; read
+    from ``sys.modules``, so nothing imports Horovod for a job that does not use it.
+    """
+    functions = sys.modules.get("horovod.torch.functions")
+    code = getattr(getattr(functions, "broadcast_optimizer_state", None), "__code__", None)
+    if code is None:
+        return None
+    frame = sys._getframe(skip + 1)
+    for _ in range(_CALLER_DEPTH):
+        if frame is None:
+            return None
+        if frame.f_code is code:
+            return int(frame.f_locals["root_rank"])
+        frame = frame.f_back
+    return None
 
 
 def _layer_typing(compressor: LayerwiseCompressor, named: list[tuple[str, torch.Tensor]]):
@@ -50,11 +83,73 @@ def _layer_typing(compressor: LayerwiseCompressor, named: list[tuple[str, torch.
     return classify_named_parameters(named, overrides=types, min_numel=min_numel)
 
 
+def _compression_kind(compression) -> str:
+    """``"none"``, ``"fp16"``, ``"layerwise"`` or ``"custom"`` (has ``make_exchange``)."""
+    if callable(getattr(compression, "make_exchange", None)):
+        return "custom"
+    cls = compression if isinstance(compression, type) else type(compression)
+    if issubclass(cls, FP16Compressor):
+        return "fp16"
+    if issubclass(cls, NoneCompressor):
+        return "none"
+    if isinstance(compression, LayerwiseCompressor):
+        return "layerwise"
+    if getattr(cls, "__module__", "").startswith("horovod."):
+        # hvd.Compression.none / .fp16: the same meaning as ours (checked on Horovod's classes).
+        from qoda_hvd.comm.horovod import horovod_compression_name
+
+        name = horovod_compression_name(compression)
+        if name is not None:
+            return name
+    raise TypeError("compression must be qoda_hvd.Compression.none, .fp16 or .layerwise(...) "
+                    f"(or Horovod's hvd.Compression.none / .fp16), got {compression!r}")
+
+
+def _check_groups(groups, num_groups):
+    """Horovod's ``num_groups`` / ``groups`` checks and deprecation (same sentences)."""
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
+        raise ValueError(f"num_groups must be an int >= 0, got {num_groups!r}")
+    if num_groups != 0:
+        warnings.warn("Parameter `num_groups` has been replaced by `groups` and will be removed "
+                      "in v0.23.0.", DeprecationWarning, stacklevel=3)
+        if groups is None:
+            groups = num_groups
+    if groups is None:
+        return None
+    if isinstance(groups, list):
+        seen: set[int] = set()
+        for group in groups:
+            for p in group:
+                if not isinstance(p, torch.Tensor):
+                    raise ValueError("groups must consist of torch.Tensor.")
+                if id(p) in seen:
+                    raise ValueError("A parameter can only appear once in groups.")
+                seen.add(id(p))
+    elif isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+        raise ValueError("groups should be a non-negative integer or a list of list of "
+                         f"torch.Tensor, got {groups!r}.")
+    return groups
+
+
+class _NoExchange:
+    """A rank outside the optimizer's process set trains on its own gradients (Horovod's
+    semantics): nothing is sent, nothing counted."""
+
+    strategy = "local"
+
+    def __init__(self) -> None:
+        self.stats = ExchangeStats()
+
+    def __call__(self) -> None:
+        pass
+
+
 class _DistributedOptimizer:
     """Mixin placed before the user's optimizer class (see :func:`DistributedOptimizer`)."""
 
     def __init__(self, params, named_parameters, compression, backward_passes_per_step, op,
-                 exchange, communicator: Optional[Communicator], process_set) -> None:
+                 gradient_predivide_factor, groups, sparse_as_dense, process_set, exchange,
+                 communicator: Optional[Communicator]) -> None:
         super().__init__(params)
         if named_parameters is not None:
             named_parameters = list(named_parameters)
@@ -77,19 +172,38 @@ class _DistributedOptimizer:
         if (isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int)
                 or backward_passes_per_step < 1):
             raise ValueError(f"backward_passes_per_step must be an int >= 1, got {backward_passes_per_step!r}")
-
-        if communicator is None:
-            from qoda_hvd.comm.horovod import HorovodCommunicator
-
-            communicator = HorovodCommunicator(process_set)
-        elif not isinstance(communicator, Communicator):
+        if not isinstance(sparse_as_dense, bool):
+            raise TypeError(f"sparse_as_dense must be a bool, got {type(sparse_as_dense).__name__}")
+        if communicator is not None and not isinstance(communicator, Communicator):
             raise TypeError(f"communicator must be a qoda_hvd.comm.Communicator, got {type(communicator).__name__}")
+        if communicator is not None and process_set is not None:
+            raise ValueError("process_set chooses the ranks of the default (Horovod) communicator; "
+                             "pass either process_set or communicator, not both")
         if isinstance(op, str) and op.lower() in ("average", "sum"):
             op_name = op.lower()
         else:
             from qoda_hvd.comm.horovod import reduce_op_name
 
             op_name = reduce_op_name(op)
+        if (isinstance(gradient_predivide_factor, bool)
+                or not isinstance(gradient_predivide_factor, (int, float))
+                or not math.isfinite(gradient_predivide_factor) or gradient_predivide_factor <= 0):
+            raise ValueError("gradient_predivide_factor must be a finite number > 0, got "
+                             f"{gradient_predivide_factor!r}")
+        if gradient_predivide_factor != 1.0 and op_name != "average":
+            raise ValueError("gradient_predivide_factor not supported with op != Average")
+        kind = _compression_kind(compression)  # TypeError for an unknown compression, early
+
+        local = False
+        if communicator is None:
+            from qoda_hvd.comm.horovod import HorovodCommunicator, process_set_included
+
+            if process_set_included(process_set):
+                communicator = HorovodCommunicator(process_set)
+            else:  # Horovod's semantics: train locally, never join the set's collectives
+                from qoda_hvd.comm.local import LocalGroup
+
+                communicator, local = LocalGroup(1)[0], True
 
         seen: set[int] = set()
         named = []
@@ -97,27 +211,52 @@ class _DistributedOptimizer:
             if p.requires_grad and id(p) in all_ids and id(p) not in seen:
                 seen.add(id(p))
                 named.append((name, p))
+        #: Parameter -> name, as Horovod's optimizer exposes it.
+        self._parameter_names = {v: k for k, v in sorted(named_parameters, key=lambda t: t[0])}
+        self.op = op
+        self.gradient_predivide_factor = float(gradient_predivide_factor)
+        self.sparse_as_dense = sparse_as_dense
+        self.process_set = process_set
+        # Horovod batches its per-tensor allreduces by these groups; here every gradient
+        # already travels in ONE fused exchange, so they are checked and kept, with no effect.
+        self._groups = groups
         self._communicator = communicator
         self._compression = compression
         self._named = named
+        self._local = local
         self.backward_passes_per_step = backward_passes_per_step
-        self._exchange = self._make_exchange(compression, named, communicator, exchange,
-                                             op_name == "average")
+        self._exchange = (_NoExchange() if local else
+                          self._make_exchange(compression, named, communicator, exchange,
+                                              op_name == "average", kind))
         self._passes = {p: 0 for _, p in named}
-        self._hooks = [p.register_post_accumulate_grad_hook(self._count_pass) for _, p in named]
+        # Horovod registers no hooks on a rank outside the process set: no pass counting there.
+        self._hooks = [] if local else [p.register_post_accumulate_grad_hook(self._count_pass)
+                                        for _, p in named]
+        self._sparse: set[torch.Tensor] = set()       # parameters whose gradient came sparse
+        self._dense: dict[torch.Tensor, torch.Tensor] = {}  # their dense buffers, reused
         self._synchronized = False
         self._should_synchronize = True
+        self._state_made_locally = False
 
     @staticmethod
-    def _make_exchange(compression, named, comm, exchange, average):
+    def _make_exchange(compression, named, comm, exchange, average, kind=None):
+        """The exchange object for ``compression`` (see :mod:`qoda_hvd.comm.exchange`).
+
+        A compression object with a callable ``make_exchange(named, communicator, average)``
+        builds its own exchange (e.g. low-rank compression): any callable that aggregates every
+        rank's ``p.grad`` into every rank's ``p.grad`` and has ``stats``
+        (:class:`~qoda_hvd.comm.exchange.ExchangeStats`); optional ``strategy``,
+        ``extra_state()`` / ``load_extra_state(dict)`` (kept in ``state_dict()`` and sent by
+        ``hvd.broadcast_optimizer_state``) and ``stats.rounds``.
+        """
+        kind = kind or _compression_kind(compression)
+        if kind == "custom":
+            return compression.make_exchange(list(named), comm, average)
         params = [p for _, p in named]
-        if compression is Compression.none or isinstance(compression, NoneCompressor):
+        if kind == "none":
             return AllreduceExchange(params, comm, average)
-        if compression is Compression.fp16 or isinstance(compression, FP16Compressor):
+        if kind == "fp16":
             return AllreduceExchange(params, comm, average, fp16=True)
-        if not isinstance(compression, LayerwiseCompressor):
-            raise TypeError("compression must be qoda_hvd.Compression.none, .fp16 or .layerwise(...), "
-                            f"got {compression!r}")
         from qoda_hvd.quant import LayerwiseQuantizer, num_levels_for_bits
 
         cfg = compression.config
@@ -147,16 +286,65 @@ class _DistributedOptimizer:
                 "Gradients were computed more than backward_passes_per_step times before call "
                 "to step(). Increase backward_passes_per_step to accumulate gradients locally.")
         self._passes[p] += 1
+        if p.grad.is_sparse:
+            self._sparse.add(p)
 
     def _exchange_pending(self) -> bool:
         return any(n >= self.backward_passes_per_step for n in self._passes.values())
 
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        """Horovod's setter: a new number of local passes per exchange, counts restarted."""
+        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+            raise ValueError(f"backward_passes_per_step must be an int >= 1, got {passes!r}")
+        self.backward_passes_per_step = passes
+        for p in self._passes:
+            self._passes[p] = 0
+
+    def _scale_grads(self, factor: float) -> None:
+        grads = [p.grad for _, p in self._named if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+
+    def _densify(self) -> list[torch.Tensor]:
+        """Sparse gradients -> dense buffers (made once, reused) for the fused exchange."""
+        dense = []
+        for p in self._sparse:
+            if p.grad is None or not p.grad.is_sparse:
+                continue
+            buf = self._dense.get(p)
+            if buf is None:
+                buf = self._dense[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            else:
+                buf.zero_()
+            buf.add_(p.grad)  # sums repeated indices, as coalescing would
+            p.grad = buf
+            dense.append(p)
+        return dense
+
+    @staticmethod
+    def _to_row_sparse(dense: torch.Tensor) -> torch.Tensor:
+        """The rows of ``dense`` with a nonzero entry, as a coalesced sparse tensor (the layout
+        of an embedding's gradient)."""
+        rows = dense.reshape(dense.shape[0], -1).ne(0).any(dim=1).nonzero().squeeze(1)
+        return torch.sparse_coo_tensor(rows.unsqueeze(0), dense.index_select(0, rows),
+                                       dense.shape, check_invariants=False, is_coalesced=True)
+
     def synchronize(self) -> None:
         """Exchange the gradients now (ONE exchange); ``step()`` then skips its own.
 
-        Every rank must call it the same number of times: it is a collective.
+        Every rank of the process set must call it the same number of times: it is a
+        collective. On a rank outside the set it does nothing (the gradients stay local).
         """
-        self._exchange()
+        if not self._local:
+            densified = self._densify() if self._sparse else ()
+            factor = self.gradient_predivide_factor
+            if factor != 1.0:  # Horovod's split of the average: 1/f before the sum, f/K after
+                self._scale_grads(1.0 / factor)
+            self._exchange()
+            if factor != 1.0:
+                self._scale_grads(factor)
+            for p in densified:  # the optimizer gets a sparse gradient again, as in Horovod
+                p.grad = self._to_row_sparse(p.grad)
         for p in self._passes:
             self._passes[p] = 0
         self._synchronized = True
@@ -172,6 +360,10 @@ class _DistributedOptimizer:
             self._should_synchronize = True
 
     def step(self, closure=None):
+        if _horovod_state_broadcast_root(1) is not None:
+            loss = self._make_state_locally(closure)
+            self._state_made_locally = True
+            return loss
         if self._should_synchronize:
             if self._synchronized:
                 warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
@@ -185,6 +377,22 @@ class _DistributedOptimizer:
 
     # Step hooks of torch.optim fire in the wrapped optimizer's step, once per step.
     step.hooked = True  # type: ignore[attr-defined]
+
+    def _make_state_locally(self, closure):
+        """``hvd.broadcast_optimizer_state``'s state-creating ``step()`` (zero gradients, on the
+        ranks with empty state only): the wrapped optimizer's step, without any collective, and
+        the parameters put back, since the parameters were broadcast before and a step that
+        moves them on some ranks only (QODA, optimism, weight decay) would desynchronise them."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+        if getattr(self, "_extrapolated", True) is False:
+            super().extrapolation()  # ExtraGradient creates its state in extrapolation()
+        loss = super().step(closure)
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        return loss
 
     def extrapolation(self) -> None:
         """Extra-gradient only: exchange the gradient at x_t, then move to x_{t+1/2}."""
@@ -207,13 +415,15 @@ class _DistributedOptimizer:
     def compression_stats(self) -> dict[str, Any]:
         """What the exchange has cost so far on this rank.
 
-        Keys: ``exchanges``, ``bits_per_coordinate`` (encoded bits of this rank's gradient per
-        coordinate, everything in the payload included), ``ratio`` (32 / bits, vs fp32),
-        ``bytes_sent`` / ``bytes_received`` (logical, this rank, all collectives), their
-        ``*_per_exchange`` means, ``time_quantize_s`` / ``time_encode_s`` /
-        ``time_exchange_s`` / ``time_decode_s``, ``strategy``, ``level_updates``, and for
-        layer-wise compression ``types`` (name -> number of levels) and ``sends``
-        (``"quantized"``, or ``"fp32"`` once ``fallback`` has switched).
+        Keys: ``exchanges``, ``rounds`` (communication rounds; one per exchange unless the
+        compression says otherwise), ``bits_per_coordinate`` (encoded bits of this rank's
+        gradient per coordinate, everything in the payload included), ``ratio`` (32 / bits, vs
+        fp32), ``bytes_sent`` / ``bytes_received`` (logical, this rank, all collectives), their
+        ``*_per_exchange`` means, ``collectives``, ``time_quantize_s`` / ``time_encode_s`` /
+        ``time_exchange_s`` / ``time_decode_s``, ``strategy`` (``"local"`` on a rank outside
+        the process set), ``level_updates``, and for layer-wise compression ``types`` (name ->
+        number of levels) and ``sends`` (``"quantized"``, or ``"fp32"`` once ``fallback`` has
+        switched).
 
         Example::
 
@@ -226,6 +436,7 @@ class _DistributedOptimizer:
         bits = 8.0 * st.encoded_bytes / st.coordinates if st.coordinates else float("nan")
         out = {
             "exchanges": st.exchanges,
+            "rounds": getattr(st, "rounds", st.exchanges),
             "bits_per_coordinate": bits,
             "ratio": 32.0 / bits if st.coordinates else float("nan"),
             "bytes_sent": comm.stats.bytes_sent,
@@ -247,58 +458,132 @@ class _DistributedOptimizer:
             out["sends"] = layerwise.sends
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
+    def _extra_state(self) -> Optional[dict[str, Any]]:
+        """The exchange's state (``state_dict()[_STATE_KEY]``), or None when it has none."""
         ex = self._exchange
         auto = isinstance(ex, AutoTypedExchange)
         layerwise = ex.inner if auto else ex
+        extra: dict[str, Any] = {}
         if isinstance(layerwise, LayerwiseExchange):
-            state[_STATE_KEY] = {"step": layerwise.step, "levels": layerwise.lq.state_dict(),
-                                 "typing": ex.typing_state() if auto else None,
-                                 "sends": layerwise.sends,
-                                 "fallback_decided": layerwise.fallback_decided}
+            extra = {"step": layerwise.step, "levels": layerwise.lq.state_dict(),
+                     "typing": ex.typing_state() if auto else None,
+                     "sends": layerwise.sends,
+                     "fallback_decided": layerwise.fallback_decided,
+                     # a level update postponed by an all-zero gradient happens at the next step
+                     "update_deferred": bool(getattr(layerwise, "_update_deferred", False))}
+        elif auto:
+            extra = {"typing": None}  # the types are still to be found at the first exchange
+        get = getattr(ex, "extra_state", None)
+        if callable(get):
+            extra["exchange"] = get()
+        return extra or None
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        ex = self._exchange
+        if isinstance(ex, AutoTypedExchange):
+            if extra.get("typing") is None:
+                ex.inner = None
+            else:
+                ex.load_typing_state(extra["typing"])
+            ex = ex.inner
+        if isinstance(ex, LayerwiseExchange) and "step" in extra:
+            ex.step = int(extra["step"])
+            ex.lq.load_state_dict(extra["levels"])
+            ex._update_deferred = bool(extra.get("update_deferred", False))
+            if ex.fallback:  # a run without fallback=True quantizes, whatever the checkpoint chose
+                ex.sends = extra.get("sends", "quantized")
+                ex.fallback_decided = bool(extra.get("fallback_decided", False))
+        load = getattr(self._exchange, "load_extra_state", None)
+        if callable(load) and extra.get("exchange") is not None:
+            load(extra["exchange"])
+
+    def _receive_extra_state(self, root_rank: int) -> None:
+        """Inside ``hvd.broadcast_optimizer_state`` (which every rank calls, and which sends only
+        the torch part of ``state_dict()``): the root's exchange state to every rank, in ONE
+        ``broadcast_object`` over the same (global) ranks."""
+        from qoda_hvd.comm.horovod import broadcast_object
+
+        extra, is_root = broadcast_object(self._extra_state(), root_rank, "qoda_hvd.exchange_state")
+        if not is_root and extra is not None:
+            self._load_extra_state(extra)
+        # An undecided fallback probe counts calls in this process: restart it on every rank,
+        # so all ranks time the same calls and decide at the same one.
+        ex = self._exchange
+        ex = ex.inner if isinstance(ex, AutoTypedExchange) else ex
+        if isinstance(ex, LayerwiseExchange) and ex.fallback and not ex.fallback_decided:
+            ex._probe_calls, ex._probe_sums = 0, [0.0, 0.0]
+
+    def state_dict(self) -> dict[str, Any]:
+        root = _horovod_state_broadcast_root(1)
+        if root is not None:
+            if self._state_made_locally:  # the second call, right after the state-making step
+                self._state_made_locally = False
+            else:
+                self._receive_extra_state(root)
+        state = super().state_dict()
+        extra = self._extra_state()
+        if extra is not None:
+            state[_STATE_KEY] = extra
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop(_STATE_KEY, None)
         super().load_state_dict(state_dict)
-        if extra is None:
-            return
-        ex = self._exchange
-        if isinstance(ex, AutoTypedExchange):
-            ex.load_typing_state(extra.get("typing"))
-            ex = ex.inner
-        if isinstance(ex, LayerwiseExchange):
-            ex.step = int(extra["step"])
-            ex.lq.load_state_dict(extra["levels"])
-            if ex.fallback:  # a run without fallback=True quantizes, whatever the checkpoint chose
-                ex.sends = extra.get("sends", "quantized")
-                ex.fallback_decided = bool(extra.get("fallback_decided", False))
+        # As Horovod's optimizer: a loaded state starts a new accumulation.
+        for p in self._passes:
+            self._passes[p] = 0
+        self._synchronized = False
+        self._should_synchronize = True
+        if extra is not None:
+            self._load_extra_state(extra)
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Optional[Iterable[tuple[str, torch.Tensor]]] = None,
                          compression=Compression.none, backward_passes_per_step: int = 1,
-                         op="average", exchange: str = "auto",
-                         communicator: Optional[Communicator] = None, process_set=None):
+                         op="average", gradient_predivide_factor: float = 1.0,
+                         num_groups: int = 0, groups=None, sparse_as_dense: bool = False,
+                         process_set=None, *, exchange: str = "auto",
+                         communicator: Optional[Communicator] = None):
     """Wrap ``optimizer`` so that ``step()`` first averages gradients over ranks in ONE exchange.
+
+    Positional arguments and defaults are those of Horovod 0.28's
+    ``hvd.DistributedOptimizer``, with the same meaning; ``exchange`` and ``communicator``
+    are ours (keyword only).
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` instance: :class:`qoda_hvd.QODA`, one made
-            :func:`qoda_hvd.optimistic`, :class:`qoda_hvd.ExtraGradient`, SGD, Adam, ...
-            (rebuilt from its ``param_groups``, like Horovod does; its state starts empty).
+            :func:`qoda_hvd.optimistic`, :class:`qoda_hvd.ExtraGradient`, SGD, Adam,
+            SparseAdam, ... (rebuilt from its ``param_groups``, like Horovod does; its state
+            starts empty).
         named_parameters: ``model.named_parameters()``; names drive the layer typing.
+            ``opt._parameter_names`` maps each parameter to its name, as in Horovod.
         compression: ``qoda_hvd.Compression.none`` (fused allreduce), ``.fp16`` or
-            ``.layerwise(...)`` (quantized, entropy coded).
+            ``.layerwise(...)`` (quantized, entropy coded); Horovod's ``hvd.Compression.none``
+            / ``.fp16`` mean the same as ours.
         backward_passes_per_step: backward passes accumulated locally before each exchange.
         op: ``hvd.Average`` (default) or ``hvd.Sum``, or ``"average"`` / ``"sum"``.
+        gradient_predivide_factor: with ``op=Average``, gradients are scaled by ``1/f`` before
+            the exchange and by ``f / size`` after it (Horovod's split of the average);
+            ``ValueError`` with another op.
+        num_groups: deprecated by Horovod (``DeprecationWarning``); fills ``groups``.
+        groups: Horovod's grouping of its per-tensor allreduces: an int > 0 or a list of lists
+            of parameters, checked as Horovod does. Every gradient here already travels in ONE
+            fused exchange, so the grouping changes nothing.
+        sparse_as_dense: accepted with Horovod's meaning. Sparse gradients (e.g.
+            ``nn.Embedding(sparse=True)``) always travel densified inside the one fused exchange
+            (the quantizer skips all-zero buckets), and, as Horovod does in both modes, the
+            optimizer then gets a sparse gradient again (the rows whose average is nonzero),
+            so ``torch.optim.SparseAdam`` works.
+        process_set: Horovod process set of the default communicator (default: all ranks). A
+            rank outside it trains on its own gradients without communicating, as in Horovod.
         exchange: ``"auto"``, ``"allgather"`` or ``"scatter_gather"`` (layer-wise only;
             ``QODA_EXCHANGE`` fills ``"auto"``).
         communicator: collectives to use; default Horovod's (``hvd.init()`` first). Pass
             ``qoda_hvd.comm.MPICommunicator()`` for plain mpi4py, or a
-            :class:`~qoda_hvd.comm.LocalGroup` member in tests.
-        process_set: Horovod process set of the default communicator.
+            :class:`~qoda_hvd.comm.LocalGroup` member in tests. Not together with
+            ``process_set``.
 
     Example::
 
@@ -307,6 +592,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         ...     qoda_hvd.QODA(model.parameters(), lr=0.1),
         ...     named_parameters=model.named_parameters(),
         ...     compression=qoda_hvd.Compression.layerwise(bits=4, coding="ans"))  # doctest: +SKIP
+        >>> hvd.broadcast_parameters(model.state_dict(), root_rank=0)   # doctest: +SKIP
+        >>> hvd.broadcast_optimizer_state(opt, root_rank=0)             # doctest: +SKIP
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -314,10 +601,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         raise ValueError("optimizer is already a qoda_hvd.DistributedOptimizer")
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
+    groups = _check_groups(groups, num_groups)
     base = type(optimizer)
     cls = type(base.__name__, (_DistributedOptimizer, base), {"__module__": __name__})
     wrapped = cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step,
-                  op, exchange, communicator, process_set)
+                  op, gradient_predivide_factor, groups, sparse_as_dense, process_set, exchange,
+                  communicator)
     # Rebuilding from param_groups keeps every per-group hyperparameter; QODA's and
     # ExtraGradient's step-size rule is an attribute of the optimizer, so it is carried over too.
     if hasattr(optimizer, "step_size_policy"):
