@@ -5,6 +5,8 @@
 - :meth:`Communicator.allreduce_sum`: a float tensor, summed (level agreement, the fallback's
   probe); :meth:`Communicator.allreduce_sum_` in place (the float32/float16 gradient path of
   ``Compression.none`` / ``fp16`` and of ``fallback``).
+- :meth:`Communicator.allgather_async` / :meth:`Communicator.wait`: an allgather started while
+  backward still runs (the overlapped exchange), finished at ``synchronize()``.
 
 Byte counts are logical: what the algorithm must move per rank, independent of how the backend
 routes it (ring, tree, shared memory). ``bytes_received`` is what bounds the time on a link.
@@ -13,11 +15,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["CommStats", "Communicator", "check_payload"]
+__all__ = ["AllgatherHandle", "CommStats", "Communicator", "check_payload"]
 
 _REDUCIBLE = (torch.float16, torch.float32, torch.float64)
 
@@ -55,6 +57,26 @@ def check_payload(payload: torch.Tensor, what: str = "payload") -> None:
     if payload.dtype != torch.uint8 or payload.dim() != 1:
         raise TypeError(f"{what} must be a 1-D torch.uint8 tensor, got {payload.dtype} with "
                         f"shape {tuple(payload.shape)}")
+
+
+class AllgatherHandle:
+    """An allgather in flight (see :meth:`Communicator.allgather_async`).
+
+    Attributes:
+        tag: its name, the same on every rank.
+        payload: what this rank sent.
+        state: the backend's (e.g. a Horovod handle).
+        done: None until waited for.
+    """
+
+    __slots__ = ("comm", "payload", "tag", "state", "done")
+
+    def __init__(self, comm: "Communicator", payload: torch.Tensor, tag: str, state: Any) -> None:
+        self.comm = comm
+        self.payload = payload
+        self.tag = tag
+        self.state = state
+        self.done: Optional[bool] = None
 
 
 class Communicator(abc.ABC):
@@ -99,6 +121,38 @@ class Communicator(abc.ABC):
         self.stats.bytes_sent += sum(c.numel() for j, c in enumerate(chunks) if j != self.rank)
         self.stats.bytes_received += sum(c.numel() for i, c in enumerate(out) if i != self.rank)
         return out
+
+    def allgather_async(self, payload: torch.Tensor, tag: str) -> "AllgatherHandle":
+        """Start :meth:`allgather` of ``payload``; :meth:`wait` returns its result.
+
+        Several may be in flight; ``tag`` names this one (unique among those in flight, the
+        same on every rank). Backends with a progress engine of their own (Horovod's
+        background thread) start it now and match it across ranks by its tag, in whatever
+        order the ranks start them; the others run it inside :meth:`wait`, and every rank must
+        then wait for its handles in the same order (the exchange waits in bucket order).
+        """
+        check_payload(payload)
+        return AllgatherHandle(self, payload, tag, self._allgather_start(payload, tag))
+
+    def wait(self, handle: "AllgatherHandle") -> list[torch.Tensor]:
+        """Finish an :meth:`allgather_async`: every rank's payload, in rank order."""
+        if handle.done is not None:
+            raise RuntimeError(f"allgather {handle.tag!r} was already waited for")
+        out = self._allgather_finish(handle)
+        self.stats.collectives += 1
+        self.stats.allgathers += 1
+        self.stats.bytes_sent += handle.payload.numel() * (self.size - 1)
+        self.stats.bytes_received += sum(p.numel() for i, p in enumerate(out) if i != self.rank)
+        handle.done = True
+        return out
+
+    def _allgather_start(self, payload: torch.Tensor, tag: str) -> Any:
+        """Backend hook: start the collective, return what finishing it needs (default:
+        nothing; it runs in :meth:`_allgather_finish`)."""
+        return None
+
+    def _allgather_finish(self, handle: "AllgatherHandle") -> list[torch.Tensor]:
+        return self._allgather(handle.payload)
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Elementwise sum of a same-shaped float tensor over ranks (a new tensor, same dtype).

@@ -131,6 +131,17 @@ class FusedGradients:
             torch._foreach_copy_(self._views, [p.grad for p in self._params])
         return self.buffers
 
+    def gather_group(self, g: int) -> torch.Tensor:
+        """Copy the gradients of group ``g`` only (a bucket whose gradients are all ready)."""
+        lo = sum(len(x) for x in self.groups[:g])
+        params, views = self._params[lo:lo + len(self.groups[g])], self._views[lo:lo + len(self.groups[g])]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if params:
+            torch._foreach_copy_(views, [p.grad for p in params])
+        return self.buffers[g]
+
     def scatter(self) -> None:
         if self._params:
             torch._foreach_copy_([p.grad for p in self._params], self._views)
@@ -236,6 +247,11 @@ class LayerwiseExchange:
         # measured (bytes/s, None before the first collective) and the rans speeds
         self.measured_bandwidth: Optional[float] = None
         self._rans_ns = [4.0, 4.0]  # encode, decode per packed byte; replaced by measurements
+        #: Start each bucket's collective from the gradient hooks (see :meth:`grad_ready`).
+        self.overlap = False
+        self._group_of = {id(p): g for g, grp in enumerate(self.fused.groups) for p in grp}
+        self._remaining = [len(grp) for grp in self.fused.groups]
+        self._inflight: dict[int, tuple] = {}
         self._update_deferred = False
         self.fallback = fallback
         #: ``"quantized"``, or ``"fp32"`` once ``fallback`` measured float32 to be faster.
@@ -299,7 +315,7 @@ class LayerwiseExchange:
         return bw / peers, {"fixed": (0.0, 0.0),
                             "rans": (self._rans_ns[0], self._rans_ns[1] * peers)}
 
-    def _encode(self, segments: Sequence[PackedSegment], raw: torch.Tensor) -> torch.Tensor:
+    def _encode(self, segments: Sequence[PackedSegment], raw: Optional[torch.Tensor]) -> torch.Tensor:
         bandwidth, speeds = self._link() if self.coding == "auto" else (None, None)
         if bandwidth == float("inf"):
             codec = "fixed"
@@ -307,7 +323,7 @@ class LayerwiseExchange:
             codec = self.coding
         t0 = time.perf_counter()
         payload = encode(segments, self._levels_table(), codec,
-                         raw=[RawSegment(self.num_types, raw.detach().cpu())],
+                         raw=[] if raw is None else [RawSegment(self.num_types, raw.detach().cpu())],
                          bandwidth=bandwidth, packed_speeds=speeds)
         if codec != "fixed":
             self._observe_rans(0, time.perf_counter() - t0, segments, payload.numel())
@@ -327,25 +343,28 @@ class LayerwiseExchange:
             self.measured_bandwidth = rate if m is None else 0.7 * m + 0.3 * rate
 
     def _decode_into(self, payload: torch.Tensor, sender: int, outs: Sequence[torch.Tensor],
-                     raw_out: torch.Tensor, accumulate: bool) -> None:
-        """Decode one payload; add (or copy) its values into ``outs`` / ``raw_out``."""
+                     raw_out: Optional[torch.Tensor], accumulate: bool) -> None:
+        """Decode one payload; add (or copy) its values into ``outs`` / ``raw_out`` (None: the
+        payload carries no raw segment)."""
         expected = [o.numel() for o in outs]
+        raw_expected = [] if raw_out is None else [raw_out.numel()]
         t0 = time.perf_counter()
-        decoded = decode(payload, max_numel=sum(expected) + raw_out.numel(), packed=True)
+        decoded = decode(payload, max_numel=sum(expected) + sum(raw_expected), packed=True)
         got = [s.numel for s in decoded.segments]
-        if got != expected or len(decoded.raw) != 1 or decoded.raw[0].numel != raw_out.numel():
+        if got != expected or [r.numel for r in decoded.raw] != raw_expected:
             raise PayloadError(
                 f"payload from rank {sender} carries segments of {got} and raw "
                 f"{[r.numel for r in decoded.raw]} coordinates; this exchange expects {expected} "
-                f"and {raw_out.numel()}: the ranks disagree on the parameters or chunking")
+                f"and {raw_expected}: the ranks disagree on the parameters or chunking")
         if "rans" in decoded.codecs:
             self._observe_rans(1, time.perf_counter() - t0, decoded.segments, len(payload))
         for seg, out in zip(decoded.segments, outs):
             if not seg.numel:
                 continue
             self._dequantize(seg, decoded.levels[seg.type_id], out, accumulate, sender)
-        raw = torch.from_numpy(decoded.raw[0].values).to(raw_out.device)
-        raw_out.add_(raw) if accumulate else raw_out.copy_(raw)
+        if raw_out is not None:
+            raw = torch.from_numpy(decoded.raw[0].values).to(raw_out.device)
+            raw_out.add_(raw) if accumulate else raw_out.copy_(raw)
 
     def _dequantize(self, seg: PackedSegment, levels, out: torch.Tensor, accumulate: bool,
                     sender: int) -> None:
@@ -369,10 +388,13 @@ class LayerwiseExchange:
         # a resume (an undecided checkpoint probes again).
         probing = self.fallback and not self.fallback_decided
         t0 = time.perf_counter()
-        if self.sends == "fp32" or (probing and self._probe_calls >= _PROBE_FP32.start - 1):
+        if self._inflight or (self._overlap_now() and self.comm.size > 1):
+            self._finish_overlapped()
+        elif self.sends == "fp32" or (probing and self._probe_calls >= _PROBE_FP32.start - 1):
             self._send_fp32()
         else:
             self._send_quantized()
+        self._remaining = [len(grp) for grp in self.fused.groups]
         if probing:
             calls = self._probe_calls
             if calls in _PROBE_QUANTIZED or calls in _PROBE_FP32:
@@ -381,6 +403,86 @@ class LayerwiseExchange:
                 self._decide_fallback()
             self._probe_calls += 1
         self.step += 1
+
+    # -- overlap with backward --------------------------------------------------------
+
+    def _overlap_now(self) -> bool:
+        """Whether this step's buckets start from the hooks. A function of state every rank
+        shares (step, schedule, fallback's decision), so all ranks agree: level-update steps
+        (their levels need every bucket's histogram first), the fallback's probe and float32
+        sending run as one block at ``synchronize()``."""
+        return (self.overlap and self.strategy == "allgather" and self.sends == "quantized"
+                and not (self.fallback and not self.fallback_decided)
+                and not (self.lq.should_update(self.step) or self._update_deferred))
+
+    def grad_ready(self, p: torch.Tensor) -> None:
+        """``p``'s gradient is final for this round (the optimizer's hook, after
+        ``backward_passes_per_step`` passes). When the last one of a bucket (a layer type, or
+        the uncompressed tensors) arrives, the bucket is quantized, encoded and its allgather
+        started, while backward goes on."""
+        g = self._group_of.get(id(p))
+        if g is None:
+            return
+        self._remaining[g] -= 1
+        if self._remaining[g] == 0 and g not in self._inflight and self._overlap_now() \
+                and self.comm.size > 1:
+            self._start_bucket(g)
+
+    def _start_bucket(self, g: int) -> None:
+        st = self.stats
+        t0 = time.perf_counter()
+        buf = self.fused.gather_group(g)
+        if g < self.num_types:
+            own = self._quantize(g, buf, 0, PHASE_QUANTIZE)
+            t1 = time.perf_counter()
+            payload = self._encode([own], None)
+        else:
+            own = buf.clone()
+            t1 = time.perf_counter()
+            payload = self._encode([], buf)
+        t2 = time.perf_counter()
+        self._inflight[g] = (self.comm.allgather_async(payload, f"{self.step}.b{g}"), own)
+        st.quantize_s += t1 - t0
+        st.encode_s += t2 - t1
+        st.encoded_bytes += payload.numel()
+
+    def _finish_overlapped(self) -> None:
+        """Start the buckets no hook started (gradients that never arrived count as zeros, as
+        Horovod does), then wait for every bucket in bucket order and decode it: the same
+        symbols summed in the same rank order as one block, so the aggregate is bit-identical."""
+        st = self.stats
+        groups = [g for g, b in enumerate(self.fused.buffers) if b.numel()]
+        for g in groups:
+            if g not in self._inflight:
+                self._start_bucket(g)
+        wait_s = decode_s = 0.0
+        for g in groups:
+            handle, own = self._inflight.pop(g)
+            t0 = time.perf_counter()
+            payloads = self.comm.wait(handle)
+            t1 = time.perf_counter()
+            self._observe_link(sum(p.numel() for p in payloads) - handle.payload.numel(), t1 - t0)
+            buf = self.fused.buffers[g]
+            for sender, p in enumerate(payloads):  # rank order, as in one block
+                first = sender == 0
+                if sender == self.comm.rank:
+                    if g < self.num_types:
+                        self._dequantize(own, self.lq.quantizer(g).levels, buf, not first, sender)
+                    else:  # as the one-block path: zeros, then this rank's values added
+                        (buf.zero_() if first else buf).add_(own)
+                elif g < self.num_types:
+                    self._decode_into(p, sender, [buf], None, accumulate=not first)
+                else:
+                    self._decode_into(p, sender, [], buf, accumulate=not first)
+            if self.average:
+                buf.div_(self.comm.size)
+            wait_s += t1 - t0
+            decode_s += time.perf_counter() - t1
+        self.fused.scatter()
+        st.exchange_s += wait_s
+        st.decode_s += decode_s
+        st.exchanges += 1
+        st.coordinates += self.fused.numel
 
     def _send_fp32(self) -> None:
         if self._plain is None:
