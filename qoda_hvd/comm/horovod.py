@@ -1,6 +1,7 @@
 """Communicator over Horovod's own collectives (MPI, Gloo or NCCL controller).
 
 - allgather: ONE ``hvd.grouped_allgather([payload, length])`` (payload lengths differ by rank);
+  ``allgather_async``: the same through ``hvd.grouped_allgather_async``, named by its tag;
 - alltoall: ONE ``hvd.alltoall(cat(chunks), splits)``;
 - allreduce_sum: ``hvd.allreduce(op=hvd.Sum)``.
 
@@ -45,6 +46,17 @@ class HorovodCommunicator(Communicator):
         length = torch.tensor([payload.numel()], dtype=torch.int64)
         data, lengths = hvd.grouped_allgather([payload, length], name=f"{self.prefix}.allgather",
                                               process_set=self.process_set)
+        return list(torch.split(data, lengths.tolist()))
+
+    def _allgather_start(self, payload, tag):
+        # Horovod's background thread runs it while backward goes on; ranks match it by name,
+        # so buckets may start in a different order on each rank.
+        length = torch.tensor([payload.numel()], dtype=torch.int64)
+        return hvd.grouped_allgather_async([payload, length], name=f"{self.prefix}.ag.{tag}",
+                                           process_set=self.process_set)
+
+    def _allgather_finish(self, handle):
+        data, lengths = hvd.synchronize(handle.state)
         return list(torch.split(data, lengths.tolist()))
 
     def _alltoall(self, chunks):
