@@ -507,3 +507,168 @@ class TestFallback:
     def test_fallback_must_be_a_bool(self):
         with pytest.raises(TypeError, match="fallback must be a bool, got str"):
             qoda_hvd.Compression.layerwise(fallback="yes")
+
+
+class TestHorovodKeywords:
+    """Horovod 0.28's keywords with its meaning (real-rank parity: tests/distributed/test_horovod_parity.py)."""
+
+    @staticmethod
+    def build(comm=None, make_opt=lambda m: torch.optim.SGD(m.parameters(), lr=0.1), **kwargs):
+        model = make_model()
+        return model, qoda_hvd.DistributedOptimizer(make_opt(model), model.named_parameters(),
+                                                    communicator=comm or LocalGroup(1)[0], **kwargs)
+
+    @pytest.mark.parametrize("kwargs, error, match", [
+        (dict(gradient_predivide_factor=2.0, op="sum"), ValueError,
+         "gradient_predivide_factor not supported with op != Average"),
+        (dict(gradient_predivide_factor=0.0), ValueError, "gradient_predivide_factor must be a finite number > 0, got 0.0"),
+        (dict(gradient_predivide_factor=float("nan")), ValueError, "gradient_predivide_factor must be a finite"),
+        (dict(groups=0), ValueError, "groups should be a non-negative integer or a list of list of torch.Tensor"),
+        (dict(groups=[[1]]), ValueError, r"groups must consist of torch.Tensor\."),
+        (dict(num_groups=-1), ValueError, "num_groups must be an int >= 0, got -1"),
+        (dict(sparse_as_dense=1), TypeError, "sparse_as_dense must be a bool, got int"),
+        (dict(process_set="set"), ValueError, "pass either process_set or communicator, not both"),
+    ])
+    def test_bad_keywords(self, kwargs, error, match):
+        with pytest.raises(error, match=match):
+            self.build(**kwargs)
+
+    def test_a_parameter_twice_in_groups(self):
+        model = make_model()
+        p = next(model.parameters())
+        with pytest.raises(ValueError, match=r"A parameter can only appear once in groups\."):
+            qoda_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                          model.named_parameters(), groups=[[p], [p]],
+                                          communicator=LocalGroup(1)[0])
+
+    def test_num_groups_is_deprecated_and_fills_groups(self):
+        with pytest.warns(DeprecationWarning, match="`num_groups` has been replaced by `groups`"):
+            _, opt = self.build(num_groups=2)
+        assert opt._groups == 2
+
+    def test_parameter_names_as_horovod(self):
+        model, opt = self.build()
+        assert opt._parameter_names == {p: n for n, p in sorted(model.named_parameters())}
+
+    def test_positional_order_is_horovods(self):
+        model = make_model()
+        opt = qoda_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                            model.named_parameters(), qoda_hvd.Compression.none,
+                                            1, "average", 4.0, 0, None, True,
+                                            communicator=LocalGroup(1)[0])
+        assert opt.gradient_predivide_factor == 4.0 and opt.sparse_as_dense is True
+
+    @pytest.mark.parametrize("comp", [qoda_hvd.Compression.none, qoda_hvd.Compression.fp16,
+                                      qoda_hvd.Compression.layerwise(**LAYERWISE)])
+    def test_predivide_keeps_the_average(self, comp):
+        """Scaling by 1/f before the exchange and f after is the plain average (up to rounding;
+        layer-wise quantization is scale-equivariant, so the same noise gives the same result)."""
+        def fn(factor):
+            return run_ranks(2, lambda r, c: [p.detach() for p in train(
+                r, c, steps=3, compression=comp, gradient_predivide_factor=factor)[0].parameters()])
+
+        tol = dict(rtol=1e-2, atol=1e-3) if comp is qoda_hvd.Compression.fp16 else dict(rtol=1e-4, atol=1e-5)
+        for a, b in zip(fn(1.0)[0], fn(8.0)[0]):
+            torch.testing.assert_close(a, b, **tol)
+
+    @pytest.mark.parametrize("comp", [qoda_hvd.Compression.none,
+                                      qoda_hvd.Compression.layerwise(**LAYERWISE)])
+    def test_sparse_gradients_average_and_come_back_sparse(self, comp):
+        def fn(r, c):
+            torch.manual_seed(0)
+            emb = nn.Embedding(64, 32, sparse=True)
+            opt = qoda_hvd.DistributedOptimizer(torch.optim.SparseAdam(list(emb.parameters()), lr=0.1),
+                                                emb.named_parameters(), compression=comp,
+                                                communicator=c)
+            idx = torch.tensor([[1, 2, 2, 5]]) if r == 0 else torch.tensor([[2, 7]])
+            (emb(idx) * torch.arange(32.0)).sum().backward()
+            local = emb.weight.grad.to_dense()
+            opt.synchronize()
+            grad = emb.weight.grad
+            with opt.skip_synchronize():
+                opt.step()
+            return local, grad, emb.weight.detach()
+
+        out = run_ranks(2, fn)
+        for _, grad, _ in out:
+            assert grad.is_sparse and grad._indices().tolist() == [[1, 2, 5, 7]]
+        if comp is qoda_hvd.Compression.none:
+            torch.testing.assert_close(out[0][1].to_dense(), (out[0][0] + out[1][0]) / 2)
+        assert torch.equal(out[0][2], out[1][2])
+
+    def test_horovods_own_compressors_mean_ours(self):
+        hvd_compression = pytest.importorskip("horovod.torch.compression").Compression
+        for theirs, ours in ((hvd_compression.none, qoda_hvd.Compression.none),
+                             (hvd_compression.fp16, qoda_hvd.Compression.fp16)):
+            a = run_ranks(2, lambda r, c: [p.detach() for p in train(r, c, steps=2, compression=theirs)[0].parameters()])
+            b = run_ranks(2, lambda r, c: [p.detach() for p in train(r, c, steps=2, compression=ours)[0].parameters()])
+            assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+
+
+class TestExchangeSeam:
+    """``compression.make_exchange(named, communicator, average)`` builds the exchange; its
+    ``extra_state()`` travels in ``state_dict()``; ``stats.rounds`` is reported."""
+
+    class _Compression:
+        def __init__(self):
+            self.made = None
+
+        def make_exchange(self, named, communicator, average):
+            from qoda_hvd.comm.exchange import AllreduceExchange
+
+            ex = AllreduceExchange([p for _, p in named], communicator, average)
+            ex.strategy, ex.stats.rounds, ex.loaded = "custom", 0, None
+            ex.extra_state = lambda: {"error_feedback": torch.ones(2)}
+            ex.load_extra_state = lambda state: setattr(ex, "loaded", state)
+            self.made = (named, communicator, average)
+            return ex
+
+    def test_make_exchange_extra_state_and_rounds(self):
+        comp = self._Compression()
+        model, opt = TestHorovodKeywords.build(compression=comp, op="sum")
+        assert [n for n, _ in comp.made[0]] == [n for n, _ in model.named_parameters()]
+        assert comp.made[1] is opt._communicator and comp.made[2] is False
+        state = opt.state_dict()
+        assert torch.equal(state["qoda_hvd"]["exchange"]["error_feedback"], torch.ones(2))
+        opt.load_state_dict(state)
+        assert torch.equal(opt._exchange.loaded["error_feedback"], torch.ones(2))
+        stats = opt.compression_stats()
+        assert stats["strategy"] == "custom" and stats["rounds"] == 0
+
+
+class TestLocalStateInit:
+    """The step hvd.broadcast_optimizer_state makes on ranks with empty state: recognised by
+    the caller's code object; the wrapped optimizer's step, no collective, parameters kept."""
+
+    @pytest.mark.parametrize("make_opt", [
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1),
+        lambda m: QODA(m.parameters(), lr=0.1),
+        lambda m: optimistic(torch.optim.Adam(m.parameters(), lr=0.1, weight_decay=0.1)),
+        lambda m: ExtraGradient(m.parameters(), lr=0.1),
+    ], ids=["sgd", "qoda", "optimistic_adam", "extragradient"])
+    def test_state_made_locally_without_moving_parameters(self, make_opt, monkeypatch):
+        functions = pytest.importorskip("horovod.torch.functions")
+        # A broadcast that sends nothing (one process): only the state-making path runs.
+        monkeypatch.setattr(functions, "broadcast_parameters", lambda params, root_rank: None)
+        monkeypatch.setattr(functions, "broadcast_object", lambda obj, root_rank=0, **kw: obj)
+        from qoda_hvd.comm import horovod as comm_horovod
+
+        monkeypatch.setattr(comm_horovod, "broadcast_object", lambda obj, root, name: (obj, True))
+        comm = LocalGroup(1)[0]
+        model, opt = TestHorovodKeywords.build(comm, make_opt,
+                                               compression=qoda_hvd.Compression.layerwise(**LAYERWISE))
+        before = [p.detach().clone() for p in model.parameters()]
+        functions.broadcast_optimizer_state(opt, root_rank=0)
+        assert comm.stats.collectives == 0 and opt.compression_stats()["exchanges"] == 0
+        assert len(opt.state_dict()["state"]) > 0
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert not opt._state_made_locally  # consumed by the broadcast's second state_dict()
+        x, y = batch(0, 0)
+        opt.zero_grad()
+        if isinstance(opt, ExtraGradient):
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.extrapolation()
+            opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()  # a real step exchanges again
+        assert opt.compression_stats()["exchanges"] >= 1
