@@ -37,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -355,6 +356,26 @@ def _dequantize_kernel(packed, norms, n, bucket, width, values, ranges, out, acc
     return bad.sum()
 
 
+# One thread (the default under a launcher): the same kernels compiled without the threading
+# layer, which costs a pool hand-off per call and, when numba falls back to its "workqueue"
+# layer (no OpenMP/TBB runtime), may not be entered from two threads at once.
+_quantize_pack_serial = njit(cache=True, nogil=True)(_quantize_pack_kernel.py_func)
+_dequantize_serial = njit(cache=True, nogil=True)(_dequantize_kernel.py_func)
+_PARALLEL_LOCK = threading.Lock()
+
+
+def _parallel(kernel, *args):
+    """Run a parallel kernel; serialised only under numba's thread-unsafe workqueue layer."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = None
+    if layer == "workqueue":
+        with _PARALLEL_LOCK:
+            return kernel(*args)
+    return kernel(*args)
+
+
 def _threads(threads: int | None) -> int:
     if threads is None:
         import torch  # the rank's intra-op setting (workers set 1; idle cores: raise it)
@@ -391,9 +412,14 @@ def quantize_pack(x: np.ndarray, table: LevelTable, bucket_size: int, norm: str,
         norms = np.empty(nb, dtype=np.float32)
     if n == 0:
         return out, norms, 0
-    numba.set_num_threads(_threads(threads))
-    ranges = work_ranges(nb, bucket_size, numba.get_num_threads())
-    bad = _quantize_pack_kernel(x, n, base, bucket_size, norm == "linf", np.uint64(key[0]),
+    nthreads = _threads(threads)
+    ranges = work_ranges(nb, bucket_size, nthreads)
+    if ranges.size > 2:
+        numba.set_num_threads(nthreads)
+        kernel = lambda *a: _parallel(_quantize_pack_kernel, *a)  # noqa: E731
+    else:
+        kernel = _quantize_pack_serial
+    bad = kernel(x, n, base, bucket_size, norm == "linf", np.uint64(key[0]),
                                 np.uint64(key[1]),
                                 table.num_levels, table.width, table.uniform,
                                 np.uint64(table.shift), np.uint64(table.last_cell), table.steps,
@@ -421,7 +447,10 @@ def dequantize_into(packed: np.ndarray, norms: np.ndarray, table: LevelTable, bu
     n = out.size
     if n == 0:
         return 0
-    numba.set_num_threads(_threads(threads))
-    ranges = work_ranges(norms.size, bucket_size, numba.get_num_threads())
-    return int(_dequantize_kernel(packed, norms, n, bucket_size, table.width, table.values,
-                                  ranges, out, accumulate))
+    nthreads = _threads(threads)
+    ranges = work_ranges(norms.size, bucket_size, nthreads)
+    args = (packed, norms, n, bucket_size, table.width, table.values, ranges, out, accumulate)
+    if ranges.size > 2:
+        numba.set_num_threads(nthreads)
+        return int(_parallel(_dequantize_kernel, *args))
+    return int(_dequantize_serial(*args))
