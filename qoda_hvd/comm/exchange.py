@@ -638,6 +638,24 @@ class AutoTypedExchange:
         self._bins = bins
         self.inner: Optional[LayerwiseExchange] = None
         self._idle_stats = ExchangeStats()
+        self._overlap = False
+
+    @property
+    def overlap(self) -> bool:
+        """Overlap with backward (see :meth:`LayerwiseExchange.grad_ready`); from the second
+        step on, once the types are known."""
+        return self._overlap
+
+    @overlap.setter
+    def overlap(self, on: bool) -> None:
+        self._overlap = bool(on)
+        if self.inner is not None:
+            self.inner.overlap = self._overlap
+
+    def grad_ready(self, p: torch.Tensor) -> None:
+        """Forwarded to the layer-wise exchange once the types are known (a no-op before)."""
+        if self.inner is not None:
+            self.inner.grad_ready(p)
 
     def __getattr__(self, name):
         inner = self.__dict__.get("inner")
@@ -666,6 +684,7 @@ class AutoTypedExchange:
     def __call__(self) -> None:
         if self.inner is None:
             self.inner = self._build(self._find_typing())
+            self.inner.overlap = self._overlap
         self.inner()
 
     def typing_state(self) -> Optional[dict]:
@@ -681,3 +700,4 @@ class AutoTypedExchange:
         if state is not None:
             self.inner = self._build(LayerTyping(state["type_ids"], tuple(state["type_names"]),
                                                  frozenset(state["uncompressed"]), state["numels"]))
+            self.inner.overlap = self._overlap
