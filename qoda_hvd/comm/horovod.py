@@ -42,6 +42,17 @@ class HorovodCommunicator(Communicator):
         super().__init__(self.process_set.rank(), self.process_set.size())
         self.prefix = prefix
 
+    def changed(self) -> bool:
+        """Whether Horovod was initialised again into another ring since this communicator was
+        made (``hvd.elastic`` after a lost or added worker): another size or another rank here.
+
+        Example::
+
+            >>> comm.changed()                             # doctest: +SKIP
+            False
+        """
+        return (self.process_set.rank(), self.process_set.size()) != (self.rank, self.size)
+
     def _allgather(self, payload):
         length = torch.tensor([payload.numel()], dtype=torch.int64)
         data, lengths = hvd.grouped_allgather([payload, length], name=f"{self.prefix}.allgather",

@@ -194,16 +194,10 @@ class _DistributedOptimizer:
             raise ValueError("gradient_predivide_factor not supported with op != Average")
         kind = _compression_kind(compression)  # TypeError for an unknown compression, early
 
+        self._owns_communicator = communicator is None
         local = False
         if communicator is None:
-            from qoda_hvd.comm.horovod import HorovodCommunicator, process_set_included
-
-            if process_set_included(process_set):
-                communicator = HorovodCommunicator(process_set)
-            else:  # Horovod's semantics: train locally, never join the set's collectives
-                from qoda_hvd.comm.local import LocalGroup
-
-                communicator, local = LocalGroup(1)[0], True
+            communicator, local = self._horovod_communicator(process_set)
 
         seen: set[int] = set()
         named = []
@@ -225,9 +219,10 @@ class _DistributedOptimizer:
         self._named = named
         self._local = local
         self.backward_passes_per_step = backward_passes_per_step
+        self._exchange_arg, self._average, self._kind = exchange, op_name == "average", kind
         self._exchange = (_NoExchange() if local else
                           self._make_exchange(compression, named, communicator, exchange,
-                                              op_name == "average", kind))
+                                              self._average, kind))
         self._passes = {p: 0 for _, p in named}
         # Horovod registers no hooks on a rank outside the process set: no pass counting there.
         self._hooks = [] if local else [p.register_post_accumulate_grad_hook(self._count_pass)
@@ -237,6 +232,46 @@ class _DistributedOptimizer:
         self._synchronized = False
         self._should_synchronize = True
         self._state_made_locally = False
+
+    @staticmethod
+    def _horovod_communicator(process_set) -> tuple[Communicator, bool]:
+        """Horovod's collectives over ``process_set``, or (outside it) a rank of its own."""
+        from qoda_hvd.comm.horovod import HorovodCommunicator, process_set_included
+
+        if process_set_included(process_set):
+            return HorovodCommunicator(process_set), False
+        from qoda_hvd.comm.local import LocalGroup  # Horovod's semantics: train locally
+
+        return LocalGroup(1)[0], True
+
+    def _rebuild_exchange(self) -> None:
+        """Re-form the communicator and the exchange for Horovod's current ring, keeping the
+        exchange's state (step, levels, typing, fallback choice, a compressor's extra state).
+
+        ``hvd.elastic`` re-initialises Horovod after a lost or added worker: the size, this
+        rank, ``exchange="auto"``'s strategy, the chunking and the rank-keyed noise all change.
+        :meth:`synchronize` calls this by itself when the ring has changed (every rank then
+        rebuilds, and a rank whose size and rank stayed keeps a still valid exchange); it is
+        local (no collective), so it may also serve as an elastic reset callback. Statistics
+        restart with the new exchange.
+        """
+        if not self._owns_communicator:
+            raise RuntimeError("the exchange runs over a communicator passed to "
+                               "DistributedOptimizer, which it cannot re-form; elastic training "
+                               "needs the default (Horovod) communicator")
+        extra = self._extra_state()
+        comm, self._local = self._horovod_communicator(self.process_set)
+        self._communicator = comm
+        self._exchange = (_NoExchange() if self._local else
+                          self._make_exchange(self._compression, self._named, comm,
+                                              self._exchange_arg, self._average, self._kind))
+        if extra is not None:
+            self._load_extra_state(extra)
+        self._set_overlap(getattr(self, "_overlap_wanted", False))
+
+    def _ring_changed(self) -> bool:
+        changed = getattr(self._communicator, "changed", None)
+        return self._owns_communicator and callable(changed) and changed()
 
     @staticmethod
     def _make_exchange(compression, named, comm, exchange, average, kind=None):
@@ -271,7 +306,7 @@ class _DistributedOptimizer:
                                            allocate=cfg.allocate)
             return LayerwiseExchange(typing, named, quantizer, comm,
                                      choose_strategy(strategy, comm.size), cfg.coding, average,
-                                     cfg.seed, cfg.bandwidth, cfg.fallback)
+                                     cfg.seed, cfg.bandwidth, cfg.fallback, cfg.threads)
 
         if cfg.types == "auto":
             return AutoTypedExchange(named, comm, build, num_levels_for_bits(cfg.bits),
@@ -279,6 +314,19 @@ class _DistributedOptimizer:
         return build(_layer_typing(compression, named))
 
     # -- hooks and call order (Horovod's rules and sentences) ---------------------------
+
+    _overlap = False
+
+    def _set_overlap(self, on: bool) -> None:
+        """Start each bucket's collective from the hooks (layer-wise compression only; not with
+        ``gradient_predivide_factor``, which scales the gradients at ``synchronize()``)."""
+        if not isinstance(on, bool):
+            raise TypeError(f"overlap must be a bool, got {type(on).__name__}")
+        self._overlap_wanted = on
+        self._overlap = bool(on and hasattr(self._exchange, "grad_ready")
+                             and self.gradient_predivide_factor == 1.0)
+        if hasattr(self._exchange, "overlap"):
+            self._exchange.overlap = self._overlap
 
     def _count_pass(self, p: torch.Tensor) -> None:
         if self._passes[p] >= self.backward_passes_per_step:
@@ -288,6 +336,9 @@ class _DistributedOptimizer:
         self._passes[p] += 1
         if p.grad.is_sparse:
             self._sparse.add(p)
+        elif self._overlap and self._passes[p] == self.backward_passes_per_step:
+            # final for this round: its bucket may start while backward goes on
+            self._exchange.grad_ready(p)
 
     def _exchange_pending(self) -> bool:
         return any(n >= self.backward_passes_per_step for n in self._passes.values())
@@ -335,6 +386,8 @@ class _DistributedOptimizer:
         Every rank of the process set must call it the same number of times: it is a
         collective. On a rank outside the set it does nothing (the gradients stay local).
         """
+        if self._owns_communicator and not self._local and self._ring_changed():
+            self._rebuild_exchange()
         if not self._local:
             densified = self._densify() if self._sparse else ()
             factor = self.gradient_predivide_factor
@@ -545,7 +598,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          op="average", gradient_predivide_factor: float = 1.0,
                          num_groups: int = 0, groups=None, sparse_as_dense: bool = False,
                          process_set=None, *, exchange: str = "auto",
-                         communicator: Optional[Communicator] = None):
+                         communicator: Optional[Communicator] = None, overlap: bool = False):
     """Wrap ``optimizer`` so that ``step()`` first averages gradients over ranks in ONE exchange.
 
     Positional arguments and defaults are those of Horovod 0.28's
@@ -584,6 +637,10 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
             ``qoda_hvd.comm.MPICommunicator()`` for plain mpi4py, or a
             :class:`~qoda_hvd.comm.LocalGroup` member in tests. Not together with
             ``process_set``.
+        overlap: layer-wise compression with ``exchange="allgather"``: quantize, encode and
+            start each layer type's allgather from the gradient hooks, while backward goes on
+            (Horovod's way of hiding communication); ``synchronize()`` then waits and decodes.
+            Same aggregate, bit for bit; one communication round, one collective per bucket.
 
     Example::
 
@@ -607,6 +664,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     wrapped = cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step,
                   op, gradient_predivide_factor, groups, sparse_as_dense, process_set, exchange,
                   communicator)
+    wrapped._set_overlap(overlap)
     # Rebuilding from param_groups keeps every per-group hyperparameter; QODA's and
     # ExtraGradient's step-size rule is an attribute of the optimizer, so it is carried over too.
     if hasattr(optimizer, "step_size_policy"):

@@ -672,3 +672,11 @@ class TestLocalStateInit:
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()  # a real step exchanges again
         assert opt.compression_stats()["exchanges"] >= 1
+
+
+def test_rebuild_needs_the_default_communicator():
+    """Elastic re-forming builds a new Horovod communicator; a passed-in one cannot be."""
+    _, opt = TestHorovodKeywords.build()
+    assert not opt._ring_changed()  # a LocalGroup member never changes ring
+    with pytest.raises(RuntimeError, match="cannot re-form; elastic training needs the default"):
+        opt._rebuild_exchange()
