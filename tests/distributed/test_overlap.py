@@ -1,0 +1,71 @@
+"""The overlapped exchange on real ranks: buckets started from the gradient hooks give the
+parameters one block gives, bit for bit, on every rank."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qoda_hvd
+from qoda_hvd.optim import QODA
+
+LAYERWISE = dict(bits=4, min_numel=256, schedule=(0, 3))
+
+
+class OddOrder(nn.Module):
+    """Backward reaches its parameters in an unusual order: the head's input branch is used
+    last in forward, an unused layer never gets a gradient, a frozen one never asks for it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(64, 16)
+        self.side = nn.Linear(16, 64)
+        self.body = nn.Linear(16 * 4, 64)
+        self.unused = nn.Linear(64, 64)
+        self.frozen = nn.Linear(64, 64)
+        self.frozen.requires_grad_(False)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, idx):
+        e = self.emb(idx)
+        h = torch.relu(self.body(e.flatten(1))) + self.frozen(torch.relu(self.side(e.mean(1))))
+        return self.head(h)
+
+
+def batch(rank, step):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    idx = torch.randint(0, 64, (16, 4), generator=g)
+    return idx, (idx[:, 0] % 4)
+
+
+def train(hvd, overlap, exchange, steps=6):
+    model = OddOrder()
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = qoda_hvd.DistributedOptimizer(
+        QODA([p for p in model.parameters() if p.requires_grad], lr=0.05),
+        [(n, p) for n, p in model.named_parameters() if p.requires_grad],
+        compression=qoda_hvd.Compression.layerwise(**LAYERWISE), exchange=exchange,
+        overlap=overlap)
+    for step in range(steps):
+        x, y = batch(hvd.rank(), step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "scatter_gather"])
+def test_overlap_on_and_off_give_identical_parameters(multi, exchange):
+    on, opt_on = train(multi, True, exchange)
+    off, opt_off = train(multi, False, exchange)
+    for a, b in zip(on.parameters(), off.parameters()):
+        assert torch.equal(a, b)
+    flat = torch.cat([p.detach().reshape(-1) for p in on.parameters()])
+    everyone = multi.allgather(flat.unsqueeze(0), name="overlap.identical")
+    for r in range(1, multi.size()):
+        assert torch.equal(everyone[0], everyone[r])
+    st_on, st_off = opt_on.compression_stats(), opt_off.compression_stats()
+    assert st_on["exchanges"] == st_off["exchanges"] == st_on["rounds"] == 6
+    if exchange == "allgather":  # one allgather per bucket on overlapped steps
+        assert st_on["collectives"] > st_off["collectives"]
