@@ -15,11 +15,12 @@ LIMIT = 120  # seconds; a hang would run into it
 
 
 @pytest.mark.timeout(LIMIT + 30)
-@pytest.mark.parametrize("launcher", ["mpirun", "gloo"])
-def test_a_failing_rank_does_not_leave_the_other_hanging(launcher):
+@pytest.mark.parametrize("launcher, mode", [("mpirun", "plain"), ("gloo", "plain"),
+                                            ("mpirun", "overlap")])
+def test_a_failing_rank_does_not_leave_the_other_hanging(launcher, mode):
     start = time.monotonic()
     try:
-        proc = run_local(2, [sys.executable, str(WORKER)], launcher, timeout=LIMIT,
+        proc = run_local(2, [sys.executable, str(WORKER), mode], launcher, timeout=LIMIT,
                          capture_output=True, text=True)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{launcher}: the job still ran after {LIMIT} s: rank 0 was left hanging")
