@@ -47,6 +47,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -561,7 +562,6 @@ def _gloo_group(cfg: dict) -> bool:
     if "ok" in _GLOO:
         return _GLOO["ok"]
     import datetime
-    import os
     import socket
 
     import horovod.torch as hvd
@@ -674,6 +674,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = json.loads(Path(args.config).read_text())
     torch.set_num_threads(1)
+    # One compute thread per rank for numba's kernels too (before they are imported): the
+    # emulated nodes share this machine's cores, and oversubscribed parallel loops crawl.
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     import horovod.torch as hvd
 
     hvd.init()

@@ -133,6 +133,7 @@ def make_compression(name: str, model, cfg: dict):
     kind, rank = name.split("_r")
     return qoda_hvd.Compression.powersgd(rank=int(rank), types=model,
                                          layerwise=kind == "layerwise", every=cfg["every"],
+                                         error_metric=cfg.get("metric", "absolute"),
                                          min_numel=cfg["min_numel"])
 
 
@@ -216,7 +217,8 @@ def report(data: dict) -> str:
     lines = [f"corpus: {data['corpus']}",
              f"model: {data['config']['model']}, {res['fp32']['params']:,} parameters; "
              f"{data['config']['steps']} steps of Adam (lr {data['config']['lr']}), batch "
-             f"{data['config']['batch']} per rank, {data['ranks']} ranks",
+             f"{data['config']['batch']} per rank, {data['ranks']} ranks; layer-wise DP error "
+             f"metric: {data['config'].get('metric', 'absolute')}",
              f"{'method':<14} {'val loss':>8} {'val ppl':>8} {'kB/step':>9} {'ratio':>7} "
              f"{'s':>6}  ranks"]
     for name, r in res.items():
@@ -260,7 +262,13 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4],
                         help="PowerSGD ranks R, each run global and layer-wise (default 2 4)")
     parser.add_argument("--every", type=int, help="layer-wise: re-run the DP every N steps (100)")
+    parser.add_argument("--metric", choices=("absolute", "relative"), default="absolute",
+                        help="error_metric of the layer-wise runs' DP (default absolute, "
+                             "L-GreCo's)")
     parser.add_argument("--np", type=int, default=2, help="ranks of the job (default 2)")
+    parser.add_argument("--methods", nargs="+", metavar="NAME",
+                        help="run only these (fp32, quant4, global_rR, layerwise_rR); fp32 is "
+                             "always run, as the reference of the ratios")
     parser.add_argument("--timeout", type=float, default=900, help="seconds for the whole job")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality_lm.json")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
@@ -276,12 +284,21 @@ def main(argv=None) -> int:
         if args.every < 0:
             parser.error(f"--every must be >= 0, got {args.every}")
         cfg["every"] = args.every
+    cfg["metric"] = args.metric
     if any(r < 1 for r in args.ranks):
         parser.error(f"--ranks must be >= 1, got {args.ranks}")
     if args.np < 2:
         parser.error(f"--np must be >= 2, got {args.np}")
     cfg["methods"] = (["fp32", "quant4"] + [f"global_r{r}" for r in args.ranks]
                       + [f"layerwise_r{r}" for r in args.ranks])
+    if args.methods:
+        known = set(cfg["methods"])
+        bad = [m for m in args.methods if m not in known and not
+               (m.split("_r")[0] in ("global", "layerwise") and m.split("_r")[-1].isdigit())]
+        if bad:
+            parser.error(f"--methods: unknown {bad}; choose from fp32, quant4, global_rR, "
+                         "layerwise_rR")
+        cfg["methods"] = ["fp32"] + [m for m in args.methods if m != "fp32"]
     import tempfile
 
     from qoda_hvd.launcher import run_local
@@ -294,7 +311,8 @@ def main(argv=None) -> int:
         proc = run_local(args.np, [sys.executable, str(Path(__file__).resolve()), "--worker",
                                    str(cfg_path), str(out_path)], "mpirun",
                          timeout=args.timeout, stdout=None, stderr=subprocess.PIPE, text=True,
-                         cwd=str(ROOT), env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         cwd=str(ROOT),
+                         env=dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1"))
         if proc.returncode != 0 or not out_path.exists():
             sys.stderr.write((proc.stderr or "")[-4000:])
             print(f"the job failed (exit {proc.returncode})", file=sys.stderr)

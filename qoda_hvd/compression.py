@@ -240,7 +240,7 @@ class LowRankCompressor(Compressor):
 
 def powersgd(rank: int = 4, types: Any = None, layerwise: bool = False, granularity: str = "type",
              rank_range: tuple = (0.5, 2.0), every: int = 100, buckets: int = 10_000,
-             error_feedback: bool = True, warm_start: bool = True, start_iter: int = 0,
+             error_metric: str = "absolute", error_feedback: bool = True, warm_start: bool = True, start_iter: int = 0,
              min_compression_rate: float = 2.0, min_numel: int = 1024,
              orthogonalization_epsilon: float = 1e-8,
              seed: Optional[int] = None) -> LowRankCompressor:
@@ -254,6 +254,8 @@ def powersgd(rank: int = 4, types: Any = None, layerwise: bool = False, granular
         rank_range: DP candidates as factors ``(low, high)`` of ``rank``.
         every: re-run the DP every ``every`` compressed steps (0: once).
         buckets: error discretisation of the DP.
+        error_metric: ``"absolute"`` (L-GreCo's summed squared errors) or ``"relative"``
+            (each unit's error over its gradient's squared norm).
         error_feedback: torch's ``use_error_feedback``.
         warm_start: torch's ``warm_start``.
         start_iter: plain allreduce for the first exchanges (torch's ``start_powerSGD_iter``).
@@ -270,7 +272,8 @@ def powersgd(rank: int = 4, types: Any = None, layerwise: bool = False, granular
     seed = env_default(seed, QODA_SEED, int)
     config = PowerSGDConfig(rank=rank, types=types, layerwise=layerwise, granularity=granularity,
                             rank_range=tuple(rank_range) if isinstance(rank_range, list) else rank_range,
-                            every=every, buckets=buckets, error_feedback=error_feedback,
+                            every=every, buckets=buckets, error_metric=error_metric,
+                            error_feedback=error_feedback,
                             warm_start=warm_start, start_iter=start_iter,
                             min_compression_rate=min_compression_rate, min_numel=min_numel,
                             orthogonalization_epsilon=orthogonalization_epsilon,

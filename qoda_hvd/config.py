@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 __all__ = ["LayerwiseConfig", "PowerSGDConfig", "EXCHANGES", "CODINGS", "RANK_GRANULARITIES",
-           "QODA_BITS", "QODA_CODING", "QODA_EXCHANGE", "QODA_BUCKET_SIZE", "QODA_SEED",
-           "env_default"]
+           "ERROR_METRICS", "QODA_BITS", "QODA_CODING", "QODA_EXCHANGE", "QODA_BUCKET_SIZE",
+           "QODA_SEED", "env_default"]
 
 QODA_BITS = "QODA_BITS"
 QODA_CODING = "QODA_CODING"
@@ -138,6 +138,8 @@ class LayerwiseConfig:
 
 #: Granularity of the layer-wise ranks of :class:`PowerSGDConfig`.
 RANK_GRANULARITIES = ("type", "layer")
+#: How :class:`PowerSGDConfig`'s DP adds up the units' approximation errors.
+ERROR_METRICS = ("absolute", "relative")
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,10 @@ class PowerSGDConfig:
         every: re-run the DP every ``every`` compressed steps (0: only at the first), in
             [0, 2^40]; each run costs one small allreduce of the error table on that step.
         buckets: error discretisation of the DP, in [100, 10^6] (L-GreCo: 10,000).
+        error_metric: what the DP adds up: ``"absolute"`` (L-GreCo's: squared Frobenius errors,
+            so units with large gradients dominate the budget) or ``"relative"`` (each unit's
+            error divided by its gradient's squared norm: scale-free, for optimizers such as
+            Adam that rescale each coordinate).
         error_feedback: add last step's approximation error to the gradient (torch's
             ``use_error_feedback``). Default on.
         warm_start: start the power iteration from last step's Q (torch's ``warm_start``).
@@ -185,6 +191,7 @@ class PowerSGDConfig:
     rank_range: tuple = (0.5, 2.0)
     every: int = 100
     buckets: int = 10_000
+    error_metric: str = "absolute"
     error_feedback: bool = True
     warm_start: bool = True
     start_iter: int = 0
@@ -199,6 +206,7 @@ class PowerSGDConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         _check_choice("granularity", self.granularity, RANK_GRANULARITIES)
+        _check_choice("error_metric", self.error_metric, ERROR_METRICS)
         rr = self.rank_range
         if (not isinstance(rr, (tuple, list)) or len(rr) != 2
                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rr)):

@@ -193,17 +193,20 @@ class PowerSGDExchange:
         units = len(self.unit_names)
         if units == 0:
             return
-        errors, sizes = self.core.unit_tables(self.candidates, units,
-                                              seed=mix_seed(self.config.seed, self.step))
-        total = self.comm.allreduce_sum(torch.from_numpy(errors))
+        errors, sizes, energy = self.core.unit_tables(self.candidates, units,
+                                                      seed=mix_seed(self.config.seed, self.step))
+        table = np.concatenate([errors.reshape(-1), energy])
+        total = self.comm.allreduce_sum(torch.from_numpy(table)).numpy()
         self.collectives += 1
-        errors = total.numpy()
+        errors, energy = total[:errors.size].reshape(errors.shape), total[errors.size:]
         base = self.candidates.index(self.config.rank)
         # All ranks see the same sums, so they take the same branch: an all-zero table (e.g. the
         # zero-gradient step of hvd.broadcast_optimizer_state) says nothing about the ranks.
-        self._deferred = not bool(errors.sum() > 0)
+        self._deferred = not bool(energy.sum() > 0)
         if self._deferred:
             return
+        if self.config.error_metric == "relative":
+            errors = errors / np.where(energy > 0, energy, 1.0)[:, None]
         budget = float(errors[:, base].sum())
         choice = lgreco_dp(errors, sizes, budget, self.config.buckets,
                            fallback=[base] * units)

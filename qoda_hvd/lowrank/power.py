@@ -56,9 +56,10 @@ def orthonormalize_(matrices: torch.Tensor, epsilon: float = 1e-8) -> torch.Tens
             if i + 1 < rank:
                 rest = matrices[:, :, i + 1:]
                 rest.sub_((col * rest).sum(dim=1, keepdim=True) * col)
-    else:
-        q, _ = torch.linalg.qr(matrices)
-        matrices.copy_(q)
+    else:  # in place, as torch's hook: only the small (b, r, r) R factor is allocated
+        r_factor = torch.empty(matrices.shape[0], rank, rank, dtype=matrices.dtype,
+                               device=matrices.device)
+        torch.linalg.qr(matrices, out=(matrices, r_factor))
     return matrices
 
 

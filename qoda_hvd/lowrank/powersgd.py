@@ -212,33 +212,37 @@ class LowRankCore:
     # -- L-GreCo measurement -------------------------------------------------------------
 
     def unit_tables(self, candidates: Sequence[int], num_units: int, seed: int = 0
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Errors and sizes of every unit at every candidate rank, from the current inputs.
 
         Call after :meth:`add_error` (the inputs then hold gradient plus error). A matrix that
         would travel uncompressed at a candidate rank counts ``n m`` floats and no error.
 
         Returns:
-            ``(errors, sizes)``, float64 ``(num_units, len(candidates))``; errors are squared
-            Frobenius norms of this rank's input (sum them over ranks before the DP).
+            ``(errors, sizes, energy)``: float64 ``(num_units, len(candidates))`` errors
+            (squared Frobenius norms of this rank's input; sum them over ranks before the DP)
+            and sizes, and each unit's squared input norm ``(num_units,)``.
         """
         errors = np.zeros((num_units, len(candidates)))
         sizes = np.zeros((num_units, len(candidates)))
+        energy = np.zeros(num_units)
         by_shape: dict[tuple, list[int]] = {}
         for i, spec in enumerate(self.matrices):
             by_shape.setdefault((spec.rows, spec.cols), []).append(i)
         for si, ((n, m), members) in enumerate(by_shape.items()):
             stack = torch.stack([self.views[self.matrices[i].name].reshape(n, m) for i in members])
             errs = spectrum_errors(stack, candidates, seed=mix_seed(seed, si)).numpy()
+            norms = stack.double().square().sum(dim=(1, 2)).cpu().numpy()
             for j, i in enumerate(members):  # matrices x candidates, on DP steps only
                 u = self.matrices[i].unit
+                energy[u] += norms[j]
                 for c, r in enumerate(candidates):
                     if should_compress(n, m, r, self.min_compression_rate):
                         errors[u, c] += errs[j, c]
                         sizes[u, c] += (n + m) * min(r, n, m)
                     else:
                         sizes[u, c] += n * m
-        return errors, sizes
+        return errors, sizes, energy
 
     # -- state across layouts and checkpoints -------------------------------------------
 

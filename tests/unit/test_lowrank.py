@@ -234,6 +234,7 @@ def test_dp_bad_arguments(args, match):
     (dict(rank=2000), ValueError, r"rank must be in \[1, 1024\], got 2000"),
     (dict(rank=2.5), TypeError, r"rank must be an int, got float"),
     (dict(granularity="block"), ValueError, r"granularity must be one of type, layer, got 'block'"),
+    (dict(error_metric="l1"), ValueError, r"error_metric must be one of absolute, relative, got 'l1'"),
     (dict(rank_range=(2.0, 4.0)), ValueError, r"rank_range must satisfy 0 < low <= 1 <= high <= 16, got \(2.0, 4.0\)"),
     (dict(rank_range=(0.5,)), ValueError, r"rank_range must be a pair"),
     (dict(every=-1), ValueError, r"every must be in \[0, \d+\], got -1"),

@@ -156,14 +156,18 @@ def test_checkpoint_resume_repeats_the_uninterrupted_run(layerwise):
         assert torch.equal(a, b)
 
 
-def test_layerwise_ranks_use_less_than_uniform_within_the_error_budget():
-    comp = qoda_hvd.Compression.powersgd(rank=4, layerwise=True, granularity="layer", min_numel=256)
+@pytest.mark.parametrize("metric", ["absolute", "relative"])
+def test_layerwise_ranks_use_less_than_uniform_within_the_error_budget(metric):
+    comp = qoda_hvd.Compression.powersgd(rank=4, layerwise=True, granularity="layer",
+                                         min_numel=256, error_metric=metric)
 
     def work(r, c):
         _, _, ex = train(r, c, 1, comp)
         return ex
 
-    ex = run_ranks(2, work)[0]
+    out = run_ranks(2, work)
+    ex = out[0]
+    assert out[1].ranks == ex.ranks
     choice = ex.last_choice
     assert choice["error"] <= choice["budget"] * (1 + 1e-12)
     assert choice["size"] <= choice["uniform_size"]
