@@ -1,0 +1,148 @@
+"""The README's commands and code blocks that a user would paste, run as written.
+
+- the quick start's ``make`` commands name real targets and pass ``ARGS`` through (``make -n``);
+- the training-script snippet ("Use it in your training script") runs on 2 real ranks, with only
+  ``model``, ``loss_fn`` and ``loader`` defined before it;
+- the demo's output shown in the README is the format ``qoda-hvd demo`` prints: every line of
+  the README's copy matches a line of a real run, in order, numbers aside.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qoda_hvd.cli import build_parser as cli_parser
+from qoda_hvd.demo import build_parser as demo_parser
+from qoda_hvd.launcher import run_local
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# A number standing alone (not the 32 of "fp32"), with its sign.
+NUMBER = r"(?<![A-Za-z])[+-]?\d[\d,]*(?:\.\d+)?"
+
+
+def section(title: str) -> str:
+    """The README's text under ``## title``, up to the next ``## `` heading."""
+    text = README.read_text()
+    start = text.find(f"\n## {title}\n")
+    assert start >= 0, f"README.md has no '## {title}' section"
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else len(text)]
+
+
+def code_blocks(text: str, lang: str = "") -> list[str]:
+    """Fenced blocks of ``text`` whose info string is ``lang`` ("" for plain fences)."""
+    blocks, current, info = [], None, ""
+    for line in text.splitlines():
+        if current is None and line.startswith("```"):
+            current, info = [], line[3:].strip()
+        elif current is not None and line.strip() == "```":
+            if info == lang:
+                blocks.append("\n".join(current) + "\n")
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def line_pattern(line: str) -> re.Pattern:
+    """A README output line as a pattern: numbers (with a sign) and runs of spaces may differ;
+    the link line and the noise verdict depend on the machine and the run."""
+    line = line.rstrip()
+    if line.startswith("link: "):
+        return re.compile(r"link: .+")
+    verdict = "(within noise)"
+    out = []
+    for part in re.split(rf"({NUMBER}|\s+|{re.escape(verdict)})", line):
+        if not part:
+            continue
+        if part == verdict:
+            out.append(r"\((?:within noise|more than 2 standard errors)\)")
+        elif part.isspace():
+            out.append(r"\s+")
+        elif re.fullmatch(NUMBER, part):
+            out.append(NUMBER)
+        else:
+            out.append(re.escape(part))
+    return re.compile("".join(out))
+
+
+def test_quick_start_make_commands_exist():
+    text = section("Two commands")
+    commands = [c.strip() for block in code_blocks(text, "bash") for c in block.splitlines()]
+    commands += re.findall(r"`(make [^`]+)`", text)
+    commands = [c.split("#")[0].strip() for c in commands if c.startswith("make ")]
+    assert {"make demo", "make test"} <= set(commands), commands
+    for command in commands:
+        words = shlex.split(command)
+        proc = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, f"{command}: {proc.stderr}"
+        assert "launch/install.sh" in proc.stdout, f"{command} does not set up first"
+        args = next((w.split("=", 1)[1] for w in words if w.startswith("ARGS=")), None)
+        if words[1] == "demo":
+            assert f"qoda-hvd demo {args or ''}".strip() in proc.stdout, proc.stdout
+            # Both command lines accept the options as written (argparse exits on a bad one).
+            _, rest = cli_parser().parse_known_args(["demo", *shlex.split(args or "")])
+            demo_parser().parse_args(rest)
+
+
+@pytest.mark.timeout(300)
+def test_training_snippet_runs_on_two_ranks(tmp_path):
+    (snippet,) = code_blocks(section("Use it in your training script"), "python")
+    # Only what the snippet leaves to the user's own script.
+    preamble = (
+        "import torch\n"
+        "from torch import nn\n"
+        "torch.set_num_threads(1)\n"
+        "torch.manual_seed(0)\n"
+        "model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))\n"
+        "loss_fn = nn.CrossEntropyLoss()\n"
+        "_g = torch.Generator().manual_seed(1)\n"
+        "loader = [(torch.randn(16, 32, generator=_g), torch.randint(0, 8, (16,), generator=_g))\n"
+        "          for _ in range(5)]\n")
+    check = (
+        "\n_s = opt.compression_stats()\n"
+        "assert _s['exchanges'] == 5 and 0 < _s['bits_per_coordinate'] < 32, _s\n"
+        "print('README-SNIPPET-OK', hvd.rank(), hvd.size(), flush=True)\n")
+    script = tmp_path / "readme_snippet.py"
+    script.write_text(preamble + snippet + check)
+    proc = run_local(2, [sys.executable, str(script)], "mpirun", timeout=240,
+                     capture_output=True, text=True, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"README-SNIPPET-OK {rank} 2" in proc.stdout, proc.stdout[-3000:]
+    assert "bits_per_coordinate" in proc.stdout  # the snippet's own print
+
+
+@pytest.mark.timeout(400)
+def test_demo_output_is_what_the_readme_shows():
+    text = section("Two commands")
+    blocks = [b for b in code_blocks(text) if "qoda_hvd demo:" in b]
+    assert len(blocks) == 1, "the README shows one demo table in '## Two commands'"
+    template = [line for line in blocks[0].splitlines() if line.strip()]
+    env = dict(os.environ, COLUMNS="120")
+    proc = subprocess.run([sys.executable, "-m", "qoda_hvd", "demo", "--steps", "30"],
+                          capture_output=True, text=True, timeout=360, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line.rstrip() for line in proc.stdout.splitlines()]
+    at = 0
+    for wanted in template:
+        pattern = line_pattern(wanted)
+        while at < len(lines) and not pattern.fullmatch(lines[at]):
+            at += 1
+        assert at < len(lines), (f"README line not in the demo's output (in order):\n{wanted}\n"
+                                 f"output:\n{proc.stdout[-4000:]}")
+        at += 1
+    shown = re.search(r"^link: (\S+) each way, emulated", blocks[0], re.M)
+    ran = re.search(r"^link: (\S+) each way, emulated", proc.stdout, re.M)
+    if shown and ran and shown[1] == ran[1]:
+        # On the README's own link the byte ratio it states must hold (a size, not a time).
+        ratio = re.search(r"qoda_hvd layer-wise 4-bit: ([\d.]+)x fewer bytes", proc.stdout)
+        assert ratio and float(ratio[1]) >= 8.0, proc.stdout[-3000:]
