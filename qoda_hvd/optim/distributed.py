@@ -232,6 +232,10 @@ class _DistributedOptimizer:
         self._synchronized = False
         self._should_synchronize = True
         self._state_made_locally = False
+        # Elastic: re-form the exchange before this round's first collective if the ring changed
+        # or a collective of the old ring failed (its handles and buffers are not to be reused).
+        self._ring_checked = False
+        self._broken = False
 
     @staticmethod
     def _horovod_communicator(process_set) -> tuple[Communicator, bool]:
@@ -272,6 +276,22 @@ class _DistributedOptimizer:
     def _ring_changed(self) -> bool:
         changed = getattr(self._communicator, "changed", None)
         return self._owns_communicator and callable(changed) and changed()
+
+    def _reform_if_needed(self) -> None:
+        """Once per round, before its first collective (and in the broadcast of the state):
+        rebuild the exchange if Horovod's ring changed or one of its collectives failed."""
+        if self._owns_communicator and not self._local and (self._broken or self._ring_changed()):
+            self._rebuild_exchange()
+        self._broken = False
+        self._ring_checked = True
+
+    @contextlib.contextmanager
+    def _failing_marks_broken(self):
+        try:
+            yield
+        except BaseException:
+            self._broken, self._ring_checked = True, False
+            raise
 
     @staticmethod
     def _make_exchange(compression, named, comm, exchange, average, kind=None):
@@ -338,7 +358,10 @@ class _DistributedOptimizer:
             self._sparse.add(p)
         elif self._overlap and self._passes[p] == self.backward_passes_per_step:
             # final for this round: its bucket may start while backward goes on
-            self._exchange.grad_ready(p)
+            if not self._ring_checked:
+                self._reform_if_needed()
+            with self._failing_marks_broken():
+                self._exchange.grad_ready(p)
 
     def _exchange_pending(self) -> bool:
         return any(n >= self.backward_passes_per_step for n in self._passes.values())
@@ -386,14 +409,15 @@ class _DistributedOptimizer:
         Every rank of the process set must call it the same number of times: it is a
         collective. On a rank outside the set it does nothing (the gradients stay local).
         """
-        if self._owns_communicator and not self._local and self._ring_changed():
-            self._rebuild_exchange()
+        if not self._ring_checked:
+            self._reform_if_needed()
         if not self._local:
             densified = self._densify() if self._sparse else ()
             factor = self.gradient_predivide_factor
             if factor != 1.0:  # Horovod's split of the average: 1/f before the sum, f/K after
                 self._scale_grads(1.0 / factor)
-            self._exchange()
+            with self._failing_marks_broken():
+                self._exchange()
             if factor != 1.0:
                 self._scale_grads(factor)
             for p in densified:  # the optimizer gets a sparse gradient again, as in Horovod
@@ -401,6 +425,7 @@ class _DistributedOptimizer:
         for p in self._passes:
             self._passes[p] = 0
         self._synchronized = True
+        self._ring_checked = False
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -556,6 +581,8 @@ class _DistributedOptimizer:
         ``broadcast_object`` over the same (global) ranks."""
         from qoda_hvd.comm.horovod import broadcast_object
 
+        self._reform_if_needed()  # hvd.elastic's sync after a reset: the new ring from here on
+        self._ring_checked = False
         extra, is_root = broadcast_object(self._extra_state(), root_rank, "qoda_hvd.exchange_state")
         if not is_root and extra is not None:
             self._load_extra_state(extra)
@@ -588,6 +615,7 @@ class _DistributedOptimizer:
             self._passes[p] = 0
         self._synchronized = False
         self._should_synchronize = True
+        self._ring_checked = False
         if extra is not None:
             self._load_extra_state(extra)
 

@@ -680,3 +680,34 @@ def test_rebuild_needs_the_default_communicator():
     assert not opt._ring_changed()  # a LocalGroup member never changes ring
     with pytest.raises(RuntimeError, match="cannot re-form; elastic training needs the default"):
         opt._rebuild_exchange()
+
+
+@pytest.mark.parametrize("comp", [qoda_hvd.Compression.layerwise(**LAYERWISE),
+                                  qoda_hvd.Compression.layerwise(types="auto", **LAYERWISE),
+                                  qoda_hvd.Compression.none])
+def test_rebuilt_exchange_keeps_its_state_and_the_run_bit_identical(comp):
+    """After a failed collective (elastic), the next round re-forms the exchange (here over the
+    same fake ranks) from the old one's state: the run goes on exactly as without it."""
+    def fn(r, c, rebuild):
+        model = make_model()
+        opt = qoda_hvd.DistributedOptimizer(QODA(model.parameters(), lr=0.05),
+                                            model.named_parameters(), compression=comp,
+                                            communicator=c)
+        for step in range(5):
+            if rebuild and step in (2, 3):
+                old = opt._exchange
+                opt._owns_communicator = True  # as with Horovod's communicator
+                opt._horovod_communicator = lambda process_set: (c, False)
+                opt._broken = True
+            x, y = batch(r, step)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if rebuild and step in (2, 3):
+                assert opt._exchange is not old and not opt._broken
+        return [p.detach() for p in model.parameters()]
+
+    plain = run_ranks(2, lambda r, c: fn(r, c, False))
+    rebuilt = run_ranks(2, lambda r, c: fn(r, c, True))
+    for a, b in zip(plain[0], rebuilt[0]):
+        assert torch.equal(a, b)
