@@ -127,6 +127,9 @@ def test_resume_recipe_ends_and_every_rank_continues_from_rank0(multi, opt_name,
     older one): the recipe ends, starts no exchange, leaves every rank with rank 0's parameters
     and optimizer state, and the ranks go on bit-identically (resumed from the checkpoint:
     exactly as the uninterrupted run)."""
+    if "OMPI_COMM_WORLD_SIZE" not in os.environ:  # alike on every rank of the launch
+        pytest.skip("the matrix runs under mpirun; under horovodrun --gloo the recipe is covered "
+                    "by the tests below (auto types + fallback, every torch optimizer, SparseAdam)")
     hvd, rank = multi, multi.rank()
     make_opt = OPTIMIZERS[opt_name]
 
