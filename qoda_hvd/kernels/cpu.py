@@ -309,50 +309,91 @@ def _quantize_pack_kernel(x, n, base, bucket, linf, k0, k1, L, width, uniform, s
     return bad.sum()
 
 
+@njit(cache=True, nogil=True)
+def _dequantize_bucket(packed, s, e, width, values, vmax, nrm, out, accumulate):
+    """out[s:e] (+)= values[v_i] * nrm; returns the count of values above ``vmax`` (invalid).
+    The loops index slices from 0 and keep the accumulate branch outside them, so LLVM can
+    vectorize them; invalid values are counted branch-free."""
+    bad = 0
+    o = out[s:e]
+    k = e - s
+    if width == 4 and (s & 1) == 0:
+        pb = packed[s >> 1:(e + 1) >> 1]
+        half = k >> 1
+        if accumulate:
+            for q in range(half):
+                byte = np.int64(pb[q])
+                hi = byte >> 4
+                lo = byte & 0x0F
+                bad += np.int64(hi > vmax) + np.int64(lo > vmax)
+                o[2 * q] += values[hi] * nrm
+                o[2 * q + 1] += values[lo] * nrm
+        else:
+            for q in range(half):
+                byte = np.int64(pb[q])
+                hi = byte >> 4
+                lo = byte & 0x0F
+                bad += np.int64(hi > vmax) + np.int64(lo > vmax)
+                o[2 * q] = values[hi] * nrm
+                o[2 * q + 1] = values[lo] * nrm
+        if k & 1:
+            v = np.int64(pb[half]) >> 4
+            bad += np.int64(v > vmax)
+            o[k - 1] = (o[k - 1] + values[v] * nrm) if accumulate else values[v] * nrm
+        return bad
+    if width == 8:
+        pb = packed[s:e]
+        if accumulate:
+            for q in range(k):
+                v = np.int64(pb[q])
+                bad += np.int64(v > vmax)
+                o[q] += values[v] * nrm
+        else:
+            for q in range(k):
+                v = np.int64(pb[q])
+                bad += np.int64(v > vmax)
+                o[q] = values[v] * nrm
+        return bad
+    mask = (1 << width) - 1
+    full = 0
+    if (s & 7) == 0:  # whole 8-value groups: ``width`` bytes -> one word -> eight values
+        groups = k >> 3
+        b0 = (s >> 3) * width
+        for g in range(groups):
+            word = np.int64(0)
+            for b in range(width):
+                word = (word << 8) | np.int64(packed[b0 + g * width + b])
+            for j in range(8):
+                v = (word >> (width * (7 - j))) & mask
+                bad += np.int64(v > vmax)
+                y = values[v] * nrm
+                o[8 * g + j] = o[8 * g + j] + y if accumulate else y
+        full = groups << 3
+    for q in range(full, k):
+        bit = (s + q) * width
+        byte = bit >> 3
+        sh = bit & 7
+        word = np.int64(packed[byte]) << 8
+        if sh + width > 8:
+            word |= np.int64(packed[byte + 1])
+        v = (word >> (16 - sh - width)) & mask
+        bad += np.int64(v > vmax)
+        y = values[v] * nrm
+        o[q] = o[q] + y if accumulate else y
+    return bad
+
+
 @njit(cache=True, nogil=True, parallel=True)
-def _dequantize_kernel(packed, norms, n, bucket, width, values, ranges, out, accumulate):
-    """out[i] (+)= values[v_i] * norm; returns the count of invalid values (NaN in the table)."""
+def _dequantize_kernel(packed, norms, n, bucket, width, values, vmax, ranges, out, accumulate):
+    """out[i] (+)= values[v_i] * norm; returns the count of invalid values (> vmax)."""
     nthreads = ranges.size - 1
     bad = np.zeros(nthreads, dtype=np.int64)
     for t in prange(nthreads):
-        s0 = ranges[t] * bucket
-        s1 = min(ranges[t + 1] * bucket, n)
-        i = s0
-        while i < s1:
-            bk = i // bucket
-            e = min((bk + 1) * bucket, s1)
-            nrm = norms[bk]
-            if width == 4:
-                for j in range(i, e):
-                    byte = np.int64(packed[j >> 1])
-                    v = (byte >> 4) if (j & 1) == 0 else (byte & 0x0F)
-                    y = values[v]
-                    if y != y and nrm == nrm:
-                        bad[t] += 1
-                    y = y * nrm
-                    out[j] = out[j] + y if accumulate else y
-            elif width == 8:
-                for j in range(i, e):
-                    y = values[packed[j]]
-                    if y != y and nrm == nrm:
-                        bad[t] += 1
-                    y = y * nrm
-                    out[j] = out[j] + y if accumulate else y
-            else:
-                for j in range(i, e):
-                    bit = j * width
-                    byte = bit >> 3
-                    sh = bit & 7
-                    word = np.int64(packed[byte]) << 8
-                    if sh + width > 8:
-                        word |= np.int64(packed[byte + 1])
-                    v = (word >> (16 - sh - width)) & ((1 << width) - 1)
-                    y = values[v]
-                    if y != y and nrm == nrm:
-                        bad[t] += 1
-                    y = y * nrm
-                    out[j] = out[j] + y if accumulate else y
-            i = e
+        for bk in range(ranges[t], ranges[t + 1]):
+            s = bk * bucket
+            e = min(s + bucket, n)
+            bad[t] += _dequantize_bucket(packed, s, e, width, values, vmax, norms[bk], out,
+                                         accumulate)
     return bad.sum()
 
 
@@ -449,7 +490,8 @@ def dequantize_into(packed: np.ndarray, norms: np.ndarray, table: LevelTable, bu
         return 0
     nthreads = _threads(threads)
     ranges = work_ranges(norms.size, bucket_size, nthreads)
-    args = (packed, norms, n, bucket_size, table.width, table.values, ranges, out, accumulate)
+    args = (packed, norms, n, bucket_size, table.width, table.values, 2 * table.num_levels - 2,
+            ranges, out, accumulate)
     if ranges.size > 2:
         numba.set_num_threads(nthreads)
         return int(_parallel(_dequantize_kernel, *args))
