@@ -594,14 +594,21 @@ def _gloo_group(cfg: dict) -> bool:
 
 def _ddp_powersgd(model: nn.Module, rank: int) -> nn.Module:
     """``model`` in DDP (gloo) with torch's ``powerSGD_hook``: rank ``rank``, error feedback and
-    warm start on, PowerSGD from step 2 (the least torch allows with them)."""
+    warm start on, PowerSGD from step 2 (the least torch allows with them).
+
+    ONE bucket (``bucket_cap_mb`` above the model's size): the hook issues its P and Q
+    allreduces from future callbacks, and with several buckets the two ranks issued them in
+    different orders over gloo (an abort: "Received data size doesn't match expected size").
+    One bucket is also what the QODA rows do (no overlap with the backward pass).
+    """
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    cap_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20 + 1
     try:  # the mask buffer is the same everywhere: no per-step buffer broadcast
-        ddp = DDP(model, forward_sync_buffers=False)
+        ddp = DDP(model, bucket_cap_mb=cap_mb, forward_sync_buffers=False)
     except TypeError:  # torch before forward_sync_buffers
-        ddp = DDP(model, broadcast_buffers=False)
+        ddp = DDP(model, bucket_cap_mb=cap_mb, broadcast_buffers=False)
     state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank,
                                start_powerSGD_iter=2, min_compression_rate=2,
                                use_error_feedback=True, warm_start=True,
