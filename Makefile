@@ -1,5 +1,6 @@
 # The README's commands. Every target that runs something first runs the idempotent set-up
-# (launch/install.sh: seconds when everything is in place, ~8 minutes the first time).
+# (launch/install.sh: seconds when everything is in place, ~5 minutes the first time on 2 cores;
+# README.md, "What set-up does", says what was measured).
 VENV ?= .venv
 export VENV := $(abspath $(VENV))
 PY := $(VENV)/bin/python
