@@ -38,6 +38,15 @@ __all__ = ["PowerSGDExchange", "make_powersgd_exchange", "powersgd_typing"]
 _STATE_VERSION = 1
 
 
+def _worker() -> str:
+    """Who is training here: host, process and thread (fake ranks are threads of one process)."""
+    import os
+    import socket
+    import threading
+
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
 class PowerSGDExchange:
     """PowerSGD over a :class:`~qoda_hvd.comm.base.Communicator` (module doc).
 
@@ -224,10 +233,11 @@ class PowerSGDExchange:
         """Errors, Q, iteration and ranks as plain data (tensors on the CPU).
 
         Q, the iteration and the ranks are the same on every rank; the errors are this rank's
-        own (``"rank"`` says whose).
+        own (``"rank"`` and ``"worker"`` say whose).
         """
         ms = self.core.matrix_state()
-        return {"version": _STATE_VERSION, "rank": self.comm.rank, "step": self.step,
+        return {"version": _STATE_VERSION, "rank": self.comm.rank, "worker": _worker(),
+                "step": self.step,
                 "ranks": list(self.core.ranks),
                 "q_ready": self.core.q_ready, "deferred": self._deferred,
                 "rank_updates": self.rank_updates,
@@ -237,10 +247,11 @@ class PowerSGDExchange:
     def load_extra_state(self, state: dict) -> None:
         """Restore :meth:`extra_state` (same parameters and configuration).
 
-        The errors are taken only from this rank's own state: a state saved by another rank
-        (``hvd.broadcast_optimizer_state`` sends the root's) sets Q, the iteration and the
-        ranks, and this rank keeps its own errors (zero on a rank that has none), since error
-        feedback owes each rank its own residual.
+        The errors are taken only from this rank's own state: saved by the same worker
+        (process and thread: an elastic re-form, whatever its new rank) or at the same rank (a
+        resumed job). A state saved by another rank (``hvd.broadcast_optimizer_state`` sends
+        the root's) sets Q, the iteration and the ranks, and this rank keeps its own errors
+        (zero on a rank that has none), since error feedback owes each rank its own residual.
         """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError(f"PowerSGD state must be a dict of version {_STATE_VERSION}, got "
@@ -250,7 +261,7 @@ class PowerSGDExchange:
         if len(ranks) != len(self.unit_names):
             raise ValueError(f"the saved state has ranks for {len(ranks)} units; this exchange has "
                              f"{len(self.unit_names)} ({', '.join(self.unit_names)})")
-        own = state.get("rank") == self.comm.rank
+        own = state.get("worker") == _worker() or state.get("rank") == self.comm.rank
         errors = state["errors"] if own else self.core.matrix_state()["errors"]
         self.step = int(state["step"])
         self._deferred = bool(state.get("deferred", False))

@@ -307,3 +307,24 @@ def test_a_foreign_state_sets_q_and_ranks_but_keeps_own_errors():
     assert got["ranks"] == s0["ranks"] and got["step"] == 3
     assert all(torch.equal(got["q"][k], s0["q"][k]) for k in s0["q"])
     assert all(torch.equal(got["errors"][k], s1["errors"][k]) for k in s1["errors"])
+
+
+def test_the_same_worker_keeps_its_errors_under_a_new_rank():
+    """An elastic re-form rebuilds the exchange in the same process with a new rank: the state
+    it saved is still its own."""
+    comp = qoda_hvd.Compression.powersgd(**PSGD)
+    model = make_model()
+    group = LocalGroup(1)
+    ex = comp.make_exchange(list(model.named_parameters()), group[0], True)
+    for step in range(2):
+        x, y = batch(0, step)
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        ex()
+    saved = ex.extra_state()
+    assert any(e.any() for e in saved["errors"].values())
+    saved["rank"] = 5  # as if this worker had been rank 5 before the ring re-formed
+    again = comp.make_exchange(list(model.named_parameters()), group[0], True)
+    again.load_extra_state(saved)
+    got = again.extra_state()
+    assert all(torch.equal(got["errors"][k], saved["errors"][k]) for k in saved["errors"])
