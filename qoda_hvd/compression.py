@@ -164,7 +164,7 @@ def layerwise(bits: Optional[int] = None, levels: str = "optimal", coding: Optio
         fallback: time exchanges 1-3 quantized and 5-7 as one float32 allreduce, then all
             ranks keep the faster (compression does not pay on a fast link or a slow codec).
         seed: seed of the rounding noise (default 0, or ``QODA_SEED``); mixed with the rank.
-        threads: CPU threads of the codec's kernels (default ``torch.get_num_threads()``).
+        threads: CPU threads of the codec's kernels (default: torch's setting, capped by the cores per rank on the node).
 
     Example::
 

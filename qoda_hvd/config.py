@@ -93,9 +93,9 @@ class LayerwiseConfig:
             faster for the rest of training, all ranks alike; see
             :mod:`qoda_hvd.comm.exchange`.
         seed: seed of the rounding noise, mixed with the rank (``QODA_SEED``).
-        threads: CPU threads of the codec's kernels, in [1, 1024]; ``None`` follows
-            ``torch.get_num_threads()`` (launchers usually set 1 per rank; raise it where a
-            rank has idle cores).
+        threads: CPU threads of the codec's kernels, in [1, 1024]; ``None``: torch's
+            ``get_num_threads()``, capped by the cores per rank on the node (launchers'
+            local size), so co-located ranks never oversubscribe.
     """
 
     bits: int = 4

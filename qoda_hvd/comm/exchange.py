@@ -197,7 +197,7 @@ class LayerwiseExchange:
         bandwidth: link bytes/s for ``coding="auto"``.
         fallback: keep sending float32 (one allreduce) if, measured, it is faster than
             compressing (module doc).
-        threads: CPU threads of the codec kernels (None: ``torch.get_num_threads()``).
+        threads: CPU threads of the codec kernels (None: torch's setting, capped by the cores per rank on the node).
 
     Example::
 
@@ -219,7 +219,7 @@ class LayerwiseExchange:
                  seed: int = 0, bandwidth: Optional[float] = None, fallback: bool = False,
                  threads: Optional[int] = None) -> None:
         self.typing = typing
-        #: CPU threads of the codec kernels (None: ``torch.get_num_threads()``).
+        #: CPU threads of the codec kernels (None: torch's setting, capped by the cores per rank on the node).
         self.threads = threads
         self.lq = quantizer
         self.comm = communicator

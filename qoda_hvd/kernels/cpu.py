@@ -47,7 +47,7 @@ from numba.extending import intrinsic
 
 from qoda_hvd.kernels.tables import LevelTable
 
-__all__ = ["quantize_pack", "dequantize_into", "packed_size", "work_ranges"]
+__all__ = ["quantize_pack", "dequantize_into", "packed_size", "work_ranges", "default_threads"]
 
 _TINY_NORM = 4e-37  # (L-1)/norm overflows float32 below this: such buckets quantize to zero
 # numba types mixed signed/unsigned 64-bit arithmetic as float64: every constant of the hash is
@@ -417,11 +417,34 @@ def _parallel(kernel, *args):
     return kernel(*args)
 
 
+_LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "HOROVOD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                    "PMI_LOCAL_SIZE", "LOCAL_WORLD_SIZE")
+
+
+def default_threads() -> int:
+    """Threads a rank's kernels use by default: torch's intra-op setting, capped by the cores
+    this rank has to itself (cores / ranks on this node, from the launcher's environment), so
+    ranks sharing a node never oversubscribe it (spinning OpenMP threads fighting over cores
+    made a 4-bit exchange take seconds)."""
+    import os
+
+    import torch
+
+    local = 1
+    for var in _LOCAL_SIZE_VARS:
+        if os.environ.get(var, "").isdigit():
+            local = max(1, int(os.environ[var]))
+            break
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores // local))
+
+
 def _threads(threads: int | None) -> int:
     if threads is None:
-        import torch  # the rank's intra-op setting (workers set 1; idle cores: raise it)
-
-        threads = torch.get_num_threads()
+        threads = default_threads()
     return max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
 
 
@@ -438,7 +461,7 @@ def quantize_pack(x: np.ndarray, table: LevelTable, bucket_size: int, norm: str,
         norm: ``"l2"`` or ``"linf"``.
         key: the noise stream (:func:`~qoda_hvd.kernels.rng.stream_key`).
         base: counter of ``x[0]`` (its index in the whole buffer, when ``x`` is a chunk).
-        threads: worker threads (default: ``torch.get_num_threads()``).
+        threads: worker threads (default: :func:`default_threads`).
         out, norms: optional outputs (uint8 ``packed_size``, float32 buckets).
 
     Returns:
@@ -480,7 +503,7 @@ def dequantize_into(packed: np.ndarray, norms: np.ndarray, table: LevelTable, bu
         bucket_size: coordinates per norm.
         out: float32, 1-D, contiguous; written in place.
         accumulate: add into ``out`` instead of overwriting it.
-        threads: worker threads (default: ``torch.get_num_threads()``).
+        threads: worker threads (default: :func:`default_threads`).
 
     Returns:
         The number of invalid packed values (``> 2L - 2``); 0 for an honest payload.

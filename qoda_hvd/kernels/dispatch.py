@@ -44,7 +44,7 @@ def quantize_pack(x: torch.Tensor, table: LevelTable, bucket_size: int, norm: st
         table, bucket_size, norm, key, base: see :func:`qoda_hvd.kernels.cpu.quantize_pack`.
         nonfinite: ``"raise"`` (:class:`NonFiniteError`) or ``"propagate"`` (NaN/Inf norms
             travel, their buckets' symbols are zero, so the receiver sees NaN there).
-        threads: CPU threads (default ``torch.get_num_threads()``).
+        threads: CPU threads (default: torch's setting, capped by the cores per rank on the node).
     """
     if x.is_cuda:
         from qoda_hvd.kernels import gpu
@@ -73,7 +73,7 @@ def dequantize_into(packed: np.ndarray, norms: np.ndarray, table: LevelTable, bu
         table, bucket_size: the sender's levels and buckets.
         out: float32, 1-D, contiguous, CPU or CUDA (written in place).
         accumulate: add instead of overwrite.
-        threads: CPU threads (default ``torch.get_num_threads()``).
+        threads: CPU threads (default: torch's setting, capped by the cores per rank on the node).
     """
     if out.is_cuda:
         from qoda_hvd.kernels import gpu
