@@ -63,6 +63,7 @@ METHOD_LABELS = {
     "hvd_fp16": "(2) Horovod fp16",
     "eg_global": "(3) EG, global quantizer, 2 exch.",
     "qoda_allgather": "(4) QODA layer-wise, allgather",
+    "qoda_overlap": "(4) QODA layer-wise, allgather+overlap",
     "qoda_scatter_gather": "(4) QODA layer-wise, scatter_gather",
     "qoda_fallback": "(4) QODA, fallback",
     "qoda_layerwise": "(4) QODA layer-wise",
@@ -72,7 +73,7 @@ METHOD_LABELS = {
 }
 
 _COMMON = {"bits": 4, "levels": "optimal", "coding": "auto",
-           "methods": ["hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather",
+           "methods": ["hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather", "qoda_overlap",
                        "qoda_scatter_gather", "qoda_fallback"],
            "vi_methods": ["hvd_fp32", "eg_global", "qoda_layerwise"],
            # PowerSGD rows: rank R of the global row, the budget of the layer-wise one, DDP's.
@@ -152,7 +153,7 @@ def step_table(runs: list[dict], model: str) -> list[str]:
     lines = [f"{model}: {first['source']}, {first['params']:,} parameters, spec {first['spec']}",
              f"{'nodes':>5} {'link':>8} {'method':<36} {'ms/iter':>8} {'vs (1)':>7} "
              f"{'sent MB':>8} {'wire MB':>8} {'compute':>8} {'q+enc':>7} {'exch':>7} "
-             f"{'dec':>7} {'bits':>5}"]
+             f"{'dec':>7} {'bits':>5} {'exposed':>8} {'wire':>7}"]
     ranks_lines = []
     for run in runs:
         res = run["models"][model]["methods"]
@@ -183,7 +184,8 @@ def step_table(runs: list[dict], model: str) -> list[str]:
                 f"{_ms(r['step_s']):>8} {base / r['step_s']:>6.2f}x {_mb(r['bytes_sent']):>8} "
                 f"{_mb(wire):>8} {_ms(r['compute_s']):>8} {_ms(r['qenc_s']):>7} "
                 f"{_ms(r['exchange_s']):>7} {_ms(r['decode_s']):>7} "
-                f"{'-' if bits is None else f'{bits:.2f}':>5}")
+                f"{'-' if bits is None else f'{bits:.2f}':>5} {_ms(r.get('exposed_s')):>8} "
+                f"{_ms(r.get('wire_s')):>7}")
     if ranks_lines:
         lines += ["PowerSGD ranks per layer type:"] + ranks_lines
     return lines
@@ -221,7 +223,8 @@ def goals(runs: list[dict]) -> list[str]:
             res = m["methods"]
             fp32 = res["hvd_fp32"]
             share = (fp32["exchange_s"] or 0.0) / fp32["step_s"]
-            qoda = min((res[k] for k in ("qoda_allgather", "qoda_scatter_gather") if k in res),
+            qoda = min((res[k] for k in ("qoda_allgather", "qoda_overlap", "qoda_scatter_gather")
+                        if k in res),
                        key=lambda r: r["step_s"])
             tag = f"{run['nodes']} nodes {run['bandwidth']:>8} {model:<8}"
             vs1, vs3 = fp32["step_s"] / qoda["step_s"], res["eg_global"]["step_s"] / qoda["step_s"]
@@ -249,6 +252,21 @@ def goals(runs: list[dict]) -> list[str]:
                         if model == "lm" and run["bandwidth"] == "1gbit" else "")
                 lines.append(f"  {'':<{len(tag)}} PowerSGD ({best_p['method']}): "
                              f"{fp32['step_s'] / best_p['step_s']:.2f}x vs (1){peer}{goal}")
+            on, off = res.get("qoda_overlap"), res.get("qoda_allgather")
+            if on is not None and off is not None and on.get("exposed_s") is not None:
+                share = on["exposed_s"] / max(off["exposed_s"], 1e-9)
+                speed = off["step_s"] / on["step_s"]
+                if run["bandwidth"] == UNSHAPED:
+                    verdict = f"goal >= 0.97x unshaped: {'met' if speed >= 0.97 else 'NOT met'}"
+                elif run["bandwidth"] == "100mbit" and model == "lm":
+                    ok = share <= 0.40 and speed >= 1.5
+                    verdict = ("goal exposed <= 40% and >= 1.5x at 100mbit: "
+                               f"{'met' if ok else 'NOT met'}")
+                else:
+                    verdict = "no goal at this rate"
+                lines.append(f"  {'':<{len(tag)}} overlap: exposed comm {_ms(on['exposed_s'])} vs "
+                             f"{_ms(off['exposed_s'])} ms without ({share:.0%}), {speed:.2f}x per "
+                             f"iteration ({verdict})")
             fb = res.get("qoda_fallback")
             if fb is not None:  # reported apart: it may not be quantizing at all
                 lines.append(f"  {'':<{len(tag)}} with fallback (sent {fb.get('sends') or '?'}): "

@@ -61,8 +61,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WGAN_EXAMPLE = ROOT / "examples" / "wgan_gp.py"
 
 #: Methods of the per-step comparison, in table order.
-STEP_METHODS = ("hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather", "qoda_scatter_gather",
-                "qoda_fallback")
+STEP_METHODS = ("hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather", "qoda_overlap",
+                "qoda_scatter_gather", "qoda_fallback")
 #: Low-rank methods, reported apart (``"lowrank"``); ``ddp_powersgd`` on the LM only.
 LOWRANK_METHODS = ("psgd_global", "psgd_layerwise", "ddp_powersgd")
 #: Warm-up iterations a method needs before its steady state is timed (the fallback's probe;
@@ -358,13 +358,14 @@ class Method:
             self.kind = "horovod"
         else:
             types = {"*": "feedforward"} if name == "eg_global" else cfg.get("types") or model
-            exchange = {"qoda_allgather": "allgather", "qoda_scatter_gather": "scatter_gather"}.get(
-                name, "auto")
+            exchange = {"qoda_allgather": "allgather", "qoda_overlap": "allgather",
+                        "qoda_scatter_gather": "scatter_gather"}.get(name, "auto")
             comp = qoda_hvd.Compression.layerwise(bits=bits, levels=levels, coding=cfg["coding"],
                                                   types=types, bandwidth=link_bytes_per_s,
                                                   fallback=name == "qoda_fallback")
             self.opt = qoda_hvd.DistributedOptimizer(base, named_parameters=named,
-                                                     compression=comp, exchange=exchange)
+                                                     compression=comp, exchange=exchange,
+                                                     overlap=name == "qoda_overlap")
             self.kind = "qoda"
         self.numel = sum(p.numel() for _, p in named if p.requires_grad)
 
@@ -426,7 +427,7 @@ def time_methods(methods: list, warmup: int, steps: int, wire: bool) -> list[dic
 
 
 def summarise(per_rank: list[dict], name: str, numel: int, k: int, compute_s: Optional[float],
-              extragradient: bool) -> dict:
+              extragradient: bool, link_bytes_per_s: Optional[float] = None) -> dict:
     """Median over iterations of the slowest rank's time; phases and bytes averaged over ranks."""
     steps = len(per_rank[0]["rows"])
     step_time = statistics.median(max(r["rows"][i]["time"] for r in per_rank) for i in range(steps))
@@ -473,6 +474,12 @@ def summarise(per_rank: list[dict], name: str, numel: int, k: int, compute_s: Op
     wire_tx, wire_rx = med("wire_tx"), med("wire_rx")
     if wire_tx is not None:
         out.update(wire_tx_bytes=wire_tx, wire_rx_bytes=wire_rx)
+    if name != "compute" and compute_s is not None:
+        # What communication adds to the step (iteration minus compute-only), next to the time
+        # its bytes need on the link: the overlap is the gap between the two.
+        out["exposed_s"] = max(step_time - compute_s, 0.0)
+    if name != "compute" and link_bytes_per_s and out.get("bytes_received") is not None:
+        out["wire_s"] = out["bytes_received"] / link_bytes_per_s
     return out
 
 
@@ -520,7 +527,7 @@ def run_model(model_name: str, cfg: dict, link_bytes, wire: bool) -> dict:
     for (method, _), rec in zip(methods, records):
         per_rank = hvd.allgather_object(rec)
         summary = summarise(per_rank, method.name, method.numel, k, compute_s,
-                            method.extragradient)
+                            method.extragradient, link_bytes)
         if method.name == "compute":
             compute_s = summary["step_s"]
         if method.kind == "qoda" and method.name.startswith("psgd"):
