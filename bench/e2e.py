@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bandwidths", nargs="+", help="override, e.g. 1gbit 100mbit unshaped")
     parser.add_argument("--nodes", type=int, nargs="+", help="override node counts, e.g. 2 4")
     parser.add_argument("--steps", type=int, help="timed iterations per method (override)")
-    parser.add_argument("--coding", choices=("auto", "ans", "zstd", "fixed", "elias"),
+    parser.add_argument("--coding", choices=("auto", "rans", "fixed", "ans", "zstd", "elias"),
                         help="codec of the quantized methods (default auto, told the link rate)")
     parser.add_argument("--no-vi", action="store_true", help="skip the time-to-target game")
     parser.add_argument("--psgd-rank", type=int,
