@@ -32,6 +32,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from qoda_hvd.config import CODINGS, EXCHANGES
+
 __all__ = ["METHODS", "build_model", "build_parser", "make_batch", "main", "format_table"]
 
 #: Held-out samples the final loss is measured on (the same on every rank and for every run).
@@ -322,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hidden width of the MLP (default 256: 76k parameters)")
     parser.add_argument("--lr", type=float, default=1.0, help="QODA learning rate (default 1.0)")
     parser.add_argument("--bits", type=int, default=4, help="layer-wise bits per symbol, 2-8 (default 4)")
-    parser.add_argument("--coding", default="auto", choices=["auto", "ans", "elias", "fixed", "zstd"],
+    parser.add_argument("--coding", default="auto", choices=CODINGS,
                         help="entropy coder of the symbols (default auto: cheapest per layer type)")
-    parser.add_argument("--exchange", default="auto", choices=["auto", "allgather", "scatter_gather"],
+    parser.add_argument("--exchange", default="auto", choices=EXCHANGES,
                         help="how compressed payloads are exchanged (default auto: by rank count)")
     parser.add_argument("--seed", type=int, default=0, help="seed of teacher and init (default 0)")
     parser.add_argument("--link", default=None, metavar="RATE",
