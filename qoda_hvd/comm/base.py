@@ -94,6 +94,9 @@ class Communicator(abc.ABC):
         1
     """
 
+    #: Whether :meth:`allgather_async` runs in the background (then overlapping pays).
+    asynchronous = False
+
     def __init__(self, rank: int, size: int) -> None:
         self.rank = rank
         self.size = size

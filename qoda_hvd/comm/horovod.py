@@ -59,6 +59,8 @@ class HorovodCommunicator(Communicator):
                                               process_set=self.process_set)
         return list(torch.split(data, lengths.tolist()))
 
+    asynchronous = True
+
     def _allgather_start(self, payload, tag):
         # Horovod's background thread runs it while backward goes on; ranks match it by name,
         # so buckets may start in a different order on each rank.

@@ -271,7 +271,7 @@ class _DistributedOptimizer:
                                               self._exchange_arg, self._average, self._kind))
         if extra is not None:
             self._load_extra_state(extra)
-        self._set_overlap(getattr(self, "_overlap_wanted", False))
+        self._set_overlap(getattr(self, "_overlap_wanted", None))
 
     def _ring_changed(self) -> bool:
         changed = getattr(self._communicator, "changed", None)
@@ -337,12 +337,15 @@ class _DistributedOptimizer:
 
     _overlap = False
 
-    def _set_overlap(self, on: bool) -> None:
+    def _set_overlap(self, on: Optional[bool]) -> None:
         """Start each bucket's collective from the hooks (layer-wise compression only; not with
-        ``gradient_predivide_factor``, which scales the gradients at ``synchronize()``)."""
-        if not isinstance(on, bool):
-            raise TypeError(f"overlap must be a bool, got {type(on).__name__}")
+        ``gradient_predivide_factor``, which scales the gradients at ``synchronize()``).
+        ``None``: on where the communicator runs collectives in the background (Horovod's)."""
+        if on is not None and not isinstance(on, bool):
+            raise TypeError(f"overlap must be a bool or None, got {type(on).__name__}")
         self._overlap_wanted = on
+        if on is None:
+            on = bool(getattr(self._communicator, "asynchronous", False))
         self._overlap = bool(on and hasattr(self._exchange, "grad_ready")
                              and self.gradient_predivide_factor == 1.0)
         if hasattr(self._exchange, "overlap"):
@@ -626,7 +629,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          op="average", gradient_predivide_factor: float = 1.0,
                          num_groups: int = 0, groups=None, sparse_as_dense: bool = False,
                          process_set=None, *, exchange: str = "auto",
-                         communicator: Optional[Communicator] = None, overlap: bool = False):
+                         communicator: Optional[Communicator] = None,
+                         overlap: Optional[bool] = None):
     """Wrap ``optimizer`` so that ``step()`` first averages gradients over ranks in ONE exchange.
 
     Positional arguments and defaults are those of Horovod 0.28's
@@ -669,6 +673,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
             start each layer type's allgather from the gradient hooks, while backward goes on
             (Horovod's way of hiding communication); ``synchronize()`` then waits and decodes.
             Same aggregate, bit for bit; one communication round, one collective per bucket.
+            ``None`` (default): on with Horovod's communicator (its background thread runs
+            the collectives), off with communicators that would only run them at
+            ``synchronize()`` anyway (mpi4py, in-process).
 
     Example::
 

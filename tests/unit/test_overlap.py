@@ -104,6 +104,6 @@ def test_overlap_is_a_bool():
     from qoda_hvd.comm import LocalGroup
 
     m = model()
-    with pytest.raises(TypeError, match="overlap must be a bool"):
+    with pytest.raises(TypeError, match="overlap must be a bool or None"):
         qoda_hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m.named_parameters(),
                                       communicator=LocalGroup(1)[0], overlap="yes")
