@@ -334,7 +334,10 @@ class LayerwiseExchange:
         packed = sum(-(-s.numel * s.width // 8) for s in segments)
         if packed > (1 << 16) and nbytes < 0.97 * packed:  # mostly rans, large enough to time
             ns = seconds * 1e9 / packed
-            self._rans_ns[which] = 0.7 * self._rans_ns[which] + 0.3 * ns
+            # what the core can do: a faster call counts at once, a slower one (the core shared
+            # with backward, or with a collective's polling thread) only drifts the estimate up
+            old = self._rans_ns[which]
+            self._rans_ns[which] = min(ns, 0.9 * old + 0.1 * ns)
 
     def _observe_link(self, nbytes: int, seconds: float) -> None:
         if nbytes > (1 << 16) and seconds > 0:
@@ -461,7 +464,7 @@ class LayerwiseExchange:
             t0 = time.perf_counter()
             payloads = self.comm.wait(handle)
             t1 = time.perf_counter()
-            self._observe_link(sum(p.numel() for p in payloads) - handle.payload.numel(), t1 - t0)
+            # (no link-rate sample here: a wait that overlapped backward is not a transfer time)
             buf = self.fused.buffers[g]
             for sender, p in enumerate(payloads):  # rank order, as in one block
                 first = sender == 0
