@@ -157,6 +157,21 @@ def _to_numpy(name: str, array: Any, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def _checked_norms(seg: Any) -> np.ndarray:
+    """The table fields every quantized segment shares, checked; its norms as float32 numpy."""
+    _check_int("layer_id", seg.layer_id, 0, 2**32 - 1)
+    _check_int("type_id", seg.type_id, 0, 2**16 - 1)
+    _check_int("numel", seg.numel, 0, MAX_NUMEL)
+    _check_int("bucket_size", seg.bucket_size, 1, 2**32 - 1)
+    _check_int("num_levels", seg.num_levels, MIN_LEVELS, MAX_LEVELS)
+    norms = _to_numpy("norms", seg.norms, np.float32)
+    buckets = -(-seg.numel // seg.bucket_size)
+    if norms.size != buckets:
+        raise ValueError(f"norms must have ceil(numel / bucket_size) = {buckets} elements, "
+                         f"got {norms.size}")
+    return norms
+
+
 @dataclass(frozen=True)
 class Segment:
     """One quantized tensor: flat int8 symbols and float32 per-bucket norms.
@@ -187,19 +202,10 @@ class Segment:
     num_levels: int
 
     def __post_init__(self) -> None:
-        _check_int("layer_id", self.layer_id, 0, 2**32 - 1)
-        _check_int("type_id", self.type_id, 0, 2**16 - 1)
-        _check_int("numel", self.numel, 0, MAX_NUMEL)
-        _check_int("bucket_size", self.bucket_size, 1, 2**32 - 1)
-        _check_int("num_levels", self.num_levels, MIN_LEVELS, MAX_LEVELS)
+        norms = _checked_norms(self)
         symbols = _to_numpy("symbols", self.symbols, np.int8)
-        norms = _to_numpy("norms", self.norms, np.float32)
         if symbols.size != self.numel:
             raise ValueError(f"symbols has {symbols.size} elements, numel is {self.numel}")
-        buckets = -(-self.numel // self.bucket_size)
-        if norms.size != buckets:
-            raise ValueError(f"norms must have ceil(numel / bucket_size) = {buckets} elements, "
-                             f"got {norms.size}")
         object.__setattr__(self, "symbols", symbols)
         object.__setattr__(self, "norms", norms)
 
@@ -238,21 +244,12 @@ class PackedSegment:
     num_levels: int
 
     def __post_init__(self) -> None:
-        _check_int("layer_id", self.layer_id, 0, 2**32 - 1)
-        _check_int("type_id", self.type_id, 0, 2**16 - 1)
-        _check_int("numel", self.numel, 0, MAX_NUMEL)
-        _check_int("bucket_size", self.bucket_size, 1, 2**32 - 1)
-        _check_int("num_levels", self.num_levels, MIN_LEVELS, MAX_LEVELS)
+        norms = _checked_norms(self)
         packed = _to_numpy("packed", self.packed, np.uint8)
-        norms = _to_numpy("norms", self.norms, np.float32)
         want = -(-self.numel * self.width // 8)
         if packed.size != want:
             raise ValueError(f"packed has {packed.size} bytes, numel {self.numel} at "
                              f"{self.width} bits needs {want}")
-        buckets = -(-self.numel // self.bucket_size)
-        if norms.size != buckets:
-            raise ValueError(f"norms must have ceil(numel / bucket_size) = {buckets} elements, "
-                             f"got {norms.size}")
         object.__setattr__(self, "packed", packed)
         object.__setattr__(self, "norms", norms)
 
