@@ -444,7 +444,7 @@ class LayerwiseExchange:
             t1 = time.perf_counter()
             payload = self._encode([], buf)
         t2 = time.perf_counter()
-        self._inflight[g] = (self.comm.allgather_async(payload, f"{self.step}.b{g}"), own)
+        self._inflight[g] = (self.comm.allgather_async(payload, f"b{g}"), own)
         st.quantize_s += t1 - t0
         st.encode_s += t2 - t1
         st.encoded_bytes += payload.numel()
