@@ -575,8 +575,9 @@ class TestHorovodKeywords:
                                       qoda_hvd.Compression.layerwise(**LAYERWISE)])
     def test_sparse_gradients_average_and_come_back_sparse(self, comp):
         def fn(r, c):
-            torch.manual_seed(0)
-            emb = nn.Embedding(64, 32, sparse=True)
+            with _INIT_LOCK:  # the same weights on both fake ranks (shared global RNG)
+                torch.manual_seed(0)
+                emb = nn.Embedding(64, 32, sparse=True)
             opt = qoda_hvd.DistributedOptimizer(torch.optim.SparseAdam(list(emb.parameters()), lr=0.1),
                                                 emb.named_parameters(), compression=comp,
                                                 communicator=c)
