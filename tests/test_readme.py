@@ -143,7 +143,12 @@ def test_demo_output_is_what_the_readme_shows():
     shown = re.search(r"^link: (\S+) each way, emulated", blocks[0], re.M)
     ran = re.search(r"^link: (\S+) each way, emulated", proc.stdout, re.M)
     if shown and ran and shown[1] == ran[1]:
-        # On the README's own link: 4-bit symbols at most, plus norms, biases and TCP/IP headers
-        # (coding="auto" weighs measured codec speed, so a busy machine may keep them fixed-width).
+        # On the README's own link: the payload is 4-bit symbols at most, plus norms and float32
+        # biases (<= ~4.5 bits per coordinate). The wire ratio of a 30-step run is looser: the
+        # eth0 counters add TCP/IP headers, Horovod's negotiation and the shaped link's TCP
+        # retransmissions, which moved it between 5.9x and 8.8x on the same build here.
+        bits = re.search(r"qoda_hvd layer-wise 4-bit: [\d.]+x fewer bytes .*\(([\d.]+) bits/coord",
+                         proc.stdout)
         ratio = re.search(r"qoda_hvd layer-wise 4-bit: ([\d.]+)x fewer bytes", proc.stdout)
-        assert ratio and float(ratio[1]) >= 6.0, proc.stdout[-3000:]
+        assert bits and float(bits[1]) <= 4.5, proc.stdout[-3000:]
+        assert ratio and float(ratio[1]) >= 4.0, proc.stdout[-3000:]
