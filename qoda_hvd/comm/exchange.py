@@ -234,7 +234,6 @@ class LayerwiseExchange:
             (raw if tid < 0 else groups[tid]).append(p)
         self.fused = FusedGradients(groups + [raw])
         self.num_types = typing.num_types
-        device = next((p.device for _, p in named_parameters), torch.device("cpu"))
         self.seed = seed
         self.stats = ExchangeStats()
         self.step = 0
