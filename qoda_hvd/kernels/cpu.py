@@ -45,11 +45,11 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from qoda_hvd.kernels.tables import LevelTable
+from qoda_hvd.kernels.tables import TINY_NORM as _TINY_NORM
+from qoda_hvd.kernels.tables import LevelTable, packed_size
 
 __all__ = ["quantize_pack", "dequantize_into", "packed_size", "work_ranges", "default_threads"]
 
-_TINY_NORM = 4e-37  # (L-1)/norm overflows float32 below this: such buckets quantize to zero
 # numba types mixed signed/unsigned 64-bit arithmetic as float64: every constant of the hash is
 # a uint64 so the whole hash stays in unsigned integers.
 _M32 = np.uint64(0xFFFFFFFF)
@@ -57,11 +57,6 @@ _MIX1 = np.uint64(0x7FEB352D)
 _MIX2 = np.uint64(0x846CA68B)
 _S15, _S16, _S32, _S8 = np.uint64(15), np.uint64(16), np.uint64(32), np.uint64(8)
 _U2 = np.uint64(2)
-
-
-def packed_size(numel: int, width: int) -> int:
-    """Bytes of ``numel`` packed symbols of ``width`` bits."""
-    return -(-numel * width // 8)
 
 
 def _group_buckets(bucket: int) -> int:

@@ -37,18 +37,14 @@ import torch
 import triton
 import triton.language as tl
 
-from qoda_hvd.kernels.tables import LevelTable
+from qoda_hvd.kernels.tables import TINY_NORM, LevelTable, packed_size
 
 __all__ = ["quantize_pack", "dequantize_into", "packed_size"]
 
 _GROUPS = 128  # 8-coordinate groups per quantize program (1024 coordinates)
 _DEQ_BLOCK = 1024
-_TINY_NORM = 4e-37
-
-
-def packed_size(numel: int, width: int) -> int:
-    """Bytes of ``numel`` packed symbols of ``width`` bits."""
-    return -(-numel * width // 8)
+# compiled Triton kernels may read only constexpr globals (the interpreter does not check)
+_TINY_NORM = tl.constexpr(TINY_NORM)
 
 
 @triton.jit
@@ -120,8 +116,9 @@ def _quantize_pack_kernel(x_ptr, norms_ptr, out_ptr, n, base, bucket, k0, k1, L,
     gi = base + i
     lo = (gi & 0xFFFFFFFF).to(tl.uint32)
     hi = (gi >> 32).to(tl.uint32)
-    h = _mix32(lo ^ k0.to(tl.uint32))
-    h = _mix32((h + hi) ^ k1.to(tl.uint32))
+    # tl.cast, not .to: Triton turns an int argument equal to 1 into a constexpr
+    h = _mix32(lo ^ tl.cast(k0, tl.uint32))
+    h = _mix32((h + hi) ^ tl.cast(k1, tl.uint32))
     r = (h >> 8).to(tl.float32) * 5.9604644775390625e-08
     f = tl.floor(t)
     m = f.to(tl.int32) + (r < t - f).to(tl.int32)

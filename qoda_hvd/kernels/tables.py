@@ -33,10 +33,23 @@ import torch
 
 from qoda_hvd.quant.levels import is_uniform, validate_levels
 
-__all__ = ["LevelTable", "level_table", "value_table"]
+__all__ = ["LevelTable", "level_table", "value_table", "packed_size", "TINY_NORM"]
 
 #: Most walking steps a table may need; 2**7 = 128 levels fit in one cell at worst.
 MAX_STEPS = 7
+#: Buckets with a smaller norm quantize to zero ((L-1)/norm would overflow float32).
+TINY_NORM = 4e-37
+
+
+def packed_size(numel: int, width: int) -> int:
+    """Bytes of ``numel`` packed symbols of ``width`` bits.
+
+    Example::
+
+        >>> packed_size(3, 4), packed_size(8, 3)
+        (2, 3)
+    """
+    return -(-numel * width // 8)
 
 
 @dataclass(frozen=True, eq=False)
