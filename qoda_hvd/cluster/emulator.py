@@ -494,9 +494,15 @@ class EmulatedCluster:
                              f"got {np!r}")
         if not argv:
             raise ValueError("argv must name the command each rank runs, got an empty list")
+        # mpi_yield_when_idle: the emulated nodes share this machine's cores, which Open MPI
+        # cannot see (one slot per namespace), so it would busy-poll as on a dedicated node;
+        # Horovod's background thread then spins through every negotiation cycle and took 3-7x
+        # the codec's time from the training thread beside it (measured, 1 core per rank). It
+        # is what Open MPI sets by itself on an oversubscribed node.
         mca = [("plm_rsh_agent", str(self.rsh_agent)), ("plm_rsh_no_tree_spawn", "1"),
                ("btl", "tcp,self"), ("btl_tcp_if_include", self.subnet),
-               ("oob_tcp_if_include", self.subnet), ("btl_tcp_flags", "send,inplace")]
+               ("oob_tcp_if_include", self.subnet), ("btl_tcp_flags", "send,inplace"),
+               ("mpi_yield_when_idle", "1")]
         mpi_args = list(mpi_args)
         for i, word in enumerate(mpi_args[:-1]):
             if word.lstrip("-") == "mca" and mpi_args[i + 1] in dict(mca):
