@@ -21,12 +21,12 @@ TEST_TIMEOUT = 240    # one test on one rank (pytest-timeout inside the ranks)
 
 #: (launcher, ranks, pytest selection): the whole suite on 2 ranks under each launcher, and the
 #: exchange's core checks on 3 ranks (where allgather and scatter_gather really differ), with the
-#: process-set checks (a set of 2 ranks and one rank outside it).
+#: process-set checks (a set of 2 ranks and one rank outside it) and the overlapped exchange.
 RUNS = [
     ("mpirun", 2, []),
     ("gloo", 2, []),
     ("mpirun", 3, ["-k", "test_distributed_optimizer and (bit_identical or one_exchange) "
-                         "or test_horovod_parity and process_set"]),
+                         "or test_horovod_parity and process_set or test_overlap_ranks"]),
 ]
 
 

@@ -34,6 +34,7 @@ choice is kept in checkpoints.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
@@ -42,6 +43,7 @@ import torch
 
 from qoda_hvd.coding import PackedSegment, RawSegment, decode, encode
 from qoda_hvd.comm.base import Communicator
+from qoda_hvd.comm.buckets import Bucket, BucketPlan, BucketWorker, bucket_cap_bytes
 from qoda_hvd.errors import PayloadError
 from qoda_hvd.kernels import PHASE_QUANTIZE, PHASE_REQUANTIZE, LevelTable, level_table, stream_key
 from qoda_hvd.kernels.dispatch import dequantize_into, quantize_pack
@@ -131,17 +133,6 @@ class FusedGradients:
             torch._foreach_copy_(self._views, [p.grad for p in self._params])
         return self.buffers
 
-    def gather_group(self, g: int) -> torch.Tensor:
-        """Copy the gradients of group ``g`` only (a bucket whose gradients are all ready)."""
-        lo = sum(len(x) for x in self.groups[:g])
-        params, views = self._params[lo:lo + len(self.groups[g])], self._views[lo:lo + len(self.groups[g])]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if params:
-            torch._foreach_copy_(views, [p.grad for p in params])
-        return self.buffers[g]
-
     def scatter(self) -> None:
         if self._params:
             torch._foreach_copy_([p.grad for p in self._params], self._views)
@@ -176,6 +167,13 @@ class AllreduceExchange:
 #: calls before each range warm that path up); the decision ends the last float32 call.
 _PROBE_QUANTIZED = range(1, 4)
 _PROBE_FP32 = range(5, 8)
+
+
+#: The overlap probe (``overlap_probe``), in calls where overlap is possible: calls 0-1 warm up
+#: overlapped; calls 2-13 are timed in pairs, overlapped and one block in turn (pairs, so the two
+#: calls of an extra-gradient iteration share a mode); the decision ends call 13.
+_OVERLAP_WARMUP = 2
+_OVERLAP_TIMED = 12
 
 
 def _bounds(total: int, parts: int) -> list[int]:
@@ -248,9 +246,19 @@ class LayerwiseExchange:
         self._rans_ns = [4.0, 4.0]  # encode, decode per packed byte; replaced by measurements
         #: Start each bucket's collective from the gradient hooks (see :meth:`grad_ready`).
         self.overlap = False
-        self._group_of = {id(p): g for g, grp in enumerate(self.fused.groups) for p in grp}
-        self._remaining = [len(grp) for grp in self.fused.groups]
-        self._inflight: dict[int, tuple] = {}
+        self._plan: Optional[BucketPlan] = None  # made on first use, or when the cap changes
+        self._cap_bytes = bucket_cap_bytes(None)
+        self._worker = BucketWorker()
+        self._inflight: dict[int, Future] = {}
+        #: With ``overlap``: time overlapped and one-block iterations and keep the faster (see
+        #: :meth:`_decide_overlap`); ``overlap`` becomes False if one block was faster.
+        self.overlap_probe = False
+        #: Whether the probe has decided; mean seconds per iteration of each mode, all ranks.
+        self.overlap_decided = False
+        self.overlap_measured: Optional[dict[str, float]] = None
+        self._ov_calls = 0  # calls where overlap was possible, while undecided
+        self._ov_sums = [0.0, 0.0]  # seconds: one block, overlapped
+        self._ov_last_end: Optional[float] = None
         self._update_deferred = False
         self.fallback = fallback
         #: ``"quantized"``, or ``"fp32"`` once ``fallback`` measured float32 to be faster.
@@ -389,6 +397,8 @@ class LayerwiseExchange:
         # Probe calls count from this process's first call: the same on every rank, also after
         # a resume (an undecided checkpoint probes again).
         probing = self.fallback and not self.fallback_decided
+        timing_overlap = (self.overlap_probe and not self.overlap_decided
+                          and self._overlap_possible() and self.comm.size > 1)
         t0 = time.perf_counter()
         if self._inflight or (self._overlap_now() and self.comm.size > 1):
             self._finish_overlapped()
@@ -396,7 +406,8 @@ class LayerwiseExchange:
             self._send_fp32()
         else:
             self._send_quantized()
-        self._remaining = [len(grp) for grp in self.fused.groups]
+        if self._plan is not None:
+            self._plan.reset()
         if probing:
             calls = self._probe_calls
             if calls in _PROBE_QUANTIZED or calls in _PROBE_FP32:
@@ -404,38 +415,101 @@ class LayerwiseExchange:
             if calls == _PROBE_FP32[-1]:
                 self._decide_fallback()
             self._probe_calls += 1
+        if timing_overlap:
+            # an iteration's time: from the end of the previous exchange to the end of this one
+            # (optimizer step, forward, backward with the hooks' starts, this exchange)
+            calls, now = self._ov_calls, time.perf_counter()
+            if calls >= _OVERLAP_WARMUP and self._ov_last_end is not None:
+                self._ov_sums[self._probe_overlapped(calls)] += now - self._ov_last_end
+            self._ov_calls += 1
+            if self._ov_calls == _OVERLAP_WARMUP + _OVERLAP_TIMED:
+                self._decide_overlap()
+        self._ov_last_end = time.perf_counter()
         self.step += 1
 
     # -- overlap with backward --------------------------------------------------------
 
-    def _overlap_now(self) -> bool:
-        """Whether this step's buckets start from the hooks. A function of state every rank
-        shares (step, schedule, fallback's decision), so all ranks agree: level-update steps
-        (their levels need every bucket's histogram first), the fallback's probe and float32
-        sending run as one block at ``synchronize()``."""
+    def _overlap_possible(self) -> bool:
+        """Whether this step may start its buckets from the hooks. A function of state every
+        rank shares (step, schedule, fallback's decision), so all ranks agree: level-update
+        steps (their levels need every bucket's histogram first), the fallback's probe and
+        float32 sending run as one block at ``synchronize()``."""
         return (self.overlap and self.strategy == "allgather" and self.sends == "quantized"
                 and not (self.fallback and not self.fallback_decided)
                 and not (self.lq.should_update(self.step) or self._update_deferred))
 
+    def _overlap_now(self) -> bool:
+        """Whether this step's buckets start from the hooks (while probing, in the probe's
+        turn; the same on every rank: a function of the shared call count)."""
+        if not self._overlap_possible():
+            return False
+        if self.overlap_probe and not self.overlap_decided:
+            return self._probe_overlapped(self._ov_calls)
+        return True
+
+    @staticmethod
+    def _probe_overlapped(calls: int) -> bool:
+        return calls < _OVERLAP_WARMUP or (calls - _OVERLAP_WARMUP) // 2 % 2 == 0
+
+    def _decide_overlap(self) -> None:
+        """ONE allreduce of every rank's probe sums: every rank gets the same totals and takes
+        the same branch. Overlap stays on only if it was faster per iteration: where backward
+        and the codec share a core with the collectives' progress, or there is no wire time to
+        hide, one block wins."""
+        total = self.comm.allreduce_sum(torch.tensor(self._ov_sums, dtype=torch.float64))
+        per_mode = self.comm.size * (_OVERLAP_TIMED // 2)
+        block, overlapped = float(total[0]) / per_mode, float(total[1]) / per_mode
+        self.overlap_measured = {"block_s": block, "overlapped_s": overlapped}
+        self.overlap_decided = True
+        if not overlapped < block:
+            self.overlap = False
+
+    @property
+    def bucket_cap_mb(self) -> float:
+        """MiB of float32 gradient at which an overlapped bucket closes (see
+        :class:`qoda_hvd.comm.buckets.BucketPlan`); set ``None`` for the default (Horovod's
+        ``HOROVOD_FUSION_THRESHOLD`` when set, else 25 MiB as DDP)."""
+        return self._cap_bytes / 2 ** 20
+
+    @bucket_cap_mb.setter
+    def bucket_cap_mb(self, mb: Optional[float]) -> None:
+        if self._inflight:
+            raise RuntimeError("bucket_cap_mb cannot change while buckets are in flight; set it "
+                               "between steps")
+        self._cap_bytes = bucket_cap_bytes(mb)
+        self._plan = None
+
+    @property
+    def buckets(self) -> BucketPlan:
+        """The overlapped exchange's buckets (made from the parameters and the cap; the same on
+        every rank)."""
+        if self._plan is None:
+            aligns = [self.lq.quantizer(g).bucket_size for g in range(self.num_types)] + [1]
+            self._plan = BucketPlan(self.fused.groups, self.fused.buffers, aligns, self._cap_bytes)
+        return self._plan
+
     def grad_ready(self, p: torch.Tensor) -> None:
         """``p``'s gradient is final for this round (the optimizer's hook, after
-        ``backward_passes_per_step`` passes). When the last one of a bucket (a layer type, or
-        the uncompressed tensors) arrives, the bucket is quantized, encoded and its allgather
-        started, while backward goes on."""
-        g = self._group_of.get(id(p))
-        if g is None:
-            return
-        self._remaining[g] -= 1
-        if self._remaining[g] == 0 and g not in self._inflight and self._overlap_now() \
-                and self.comm.size > 1:
-            self._start_bucket(g)
+        ``backward_passes_per_step`` passes). When the last gradient of a bucket arrives, the
+        bucket's start (copy out, quantize, pack, encode, start its allgather) goes to the
+        worker thread, and backward goes on."""
+        for bucket in self.buckets.ready(p):
+            if bucket.index not in self._inflight and self._overlap_now() and self.comm.size > 1:
+                self._submit(bucket)
 
-    def _start_bucket(self, g: int) -> None:
-        st = self.stats
+    def _submit(self, bucket: Bucket) -> None:
+        device = self.fused.buffers[bucket.group].device
+        self._inflight[bucket.index] = self._worker.submit(lambda: self._start_bucket(bucket),
+                                                           device)
+
+    def _start_bucket(self, bucket: Bucket) -> tuple:
+        """On the worker thread (on CUDA: on its side stream). Returns ``(handle, own)``."""
+        st, g = self.stats, bucket.group
         t0 = time.perf_counter()
-        buf = self.fused.gather_group(g)
+        buf = self.buckets.gather(bucket, self.fused.buffers[g])
         if g < self.num_types:
-            own = self._quantize(g, buf, 0, PHASE_QUANTIZE)
+            # lo is a multiple of the norm-bucket size: the same symbols as the whole buffer
+            own = self._quantize(g, buf, bucket.lo, PHASE_QUANTIZE)
             t1 = time.perf_counter()
             payload = self._encode([own], None)
         else:
@@ -443,43 +517,64 @@ class LayerwiseExchange:
             t1 = time.perf_counter()
             payload = self._encode([], buf)
         t2 = time.perf_counter()
-        self._inflight[g] = (self.comm.allgather_async(payload, f"b{g}"), own)
+        handle = self.comm.allgather_async(payload, f"b{bucket.index}")
         st.quantize_s += t1 - t0
         st.encode_s += t2 - t1
         st.encoded_bytes += payload.numel()
+        return handle, own
 
     def _finish_overlapped(self) -> None:
         """Start the buckets no hook started (gradients that never arrived count as zeros, as
-        Horovod does), then wait for every bucket in bucket order and decode it: the same
-        symbols summed in the same rank order as one block, so the aggregate is bit-identical."""
-        st = self.stats
-        groups = [g for g, b in enumerate(self.fused.buffers) if b.numel()]
-        for g in groups:
-            if g not in self._inflight:
-                self._start_bucket(g)
+        Horovod does), then wait for every bucket and decode it into its own range: the same
+        symbols summed in the same rank order as one block, so the aggregate is bit-identical.
+
+        With a communicator that runs collectives in the background (Horovod's), buckets are
+        waited for in the order they started, which is about the order they arrive: the first
+        ones decode while the last ones are still on the wire. Otherwise (the collective runs
+        inside the wait) every rank waits in bucket order, the same on every rank."""
+        st, plan = self.stats, self.buckets
+        for bucket in plan.buckets:
+            if bucket.index not in self._inflight:
+                for p in bucket.params:  # zeros made here, on the stream that uses them later
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                self._submit(bucket)
+        order = (list(self._inflight) if getattr(self.comm, "asynchronous", False)
+                 else sorted(self._inflight))  # dicts keep insertion (= start) order
         wait_s = decode_s = 0.0
-        for g in groups:
-            handle, own = self._inflight.pop(g)
-            t0 = time.perf_counter()
-            payloads = self.comm.wait(handle)
-            t1 = time.perf_counter()
-            # (no link-rate sample here: a wait that overlapped backward is not a transfer time)
-            buf = self.fused.buffers[g]
-            for sender, p in enumerate(payloads):  # rank order, as in one block
-                first = sender == 0
-                if sender == self.comm.rank:
-                    if g < self.num_types:
-                        self._dequantize(own, self.lq.quantizer(g).levels, buf, not first, sender)
-                    else:  # as the one-block path: zeros, then this rank's values added
-                        (buf.zero_() if first else buf).add_(own)
-                elif g < self.num_types:
-                    self._decode_into(p, sender, [buf], None, accumulate=not first)
-                else:
-                    self._decode_into(p, sender, [], buf, accumulate=not first)
-            if self.average:
-                buf.div_(self.comm.size)
-            wait_s += t1 - t0
-            decode_s += time.perf_counter() - t1
+        try:
+            for bucket in (plan.buckets[i] for i in order):
+                g = bucket.group
+                t0 = time.perf_counter()
+                handle, own = self._inflight.pop(bucket.index).result()
+                # (CUDA) this stream decodes after the side stream's copies into the buffer
+                self._worker.join(self.fused.buffers[g].device)
+                payloads = self.comm.wait(handle)
+                t1 = time.perf_counter()
+                # (no link-rate sample here: a wait that overlapped backward is not a transfer)
+                buf = self.fused.buffers[g][bucket.lo:bucket.hi]
+                for sender, p in enumerate(payloads):  # rank order, as in one block
+                    first = sender == 0
+                    if sender == self.comm.rank:
+                        if g < self.num_types:
+                            self._dequantize(own, self.lq.quantizer(g).levels, buf, not first,
+                                             sender)
+                        else:  # as the one-block path: zeros, then this rank's values added
+                            (buf.zero_() if first else buf).add_(own)
+                    elif g < self.num_types:
+                        self._decode_into(p, sender, [buf], None, accumulate=not first)
+                    else:
+                        self._decode_into(p, sender, [], buf, accumulate=not first)
+                if self.average:
+                    buf.div_(self.comm.size)
+                wait_s += t1 - t0
+                decode_s += time.perf_counter() - t1
+        finally:
+            # after an error: let what was submitted finish (its collectives are in flight)
+            # before anything else touches the buffers; the handles are dropped
+            for fut in self._inflight.values():
+                fut.exception()
+            self._inflight.clear()
         self.fused.scatter()
         st.exchange_s += wait_s
         st.decode_s += decode_s
@@ -641,18 +736,43 @@ class AutoTypedExchange:
         self.inner: Optional[LayerwiseExchange] = None
         self._idle_stats = ExchangeStats()
         self._overlap = False
+        self._probe = False
+        self._cap_mb: Optional[float] = None
 
     @property
     def overlap(self) -> bool:
         """Overlap with backward (see :meth:`LayerwiseExchange.grad_ready`); from the second
         step on, once the types are known."""
-        return self._overlap
+        return self.inner.overlap if self.inner is not None else self._overlap
 
     @overlap.setter
     def overlap(self, on: bool) -> None:
         self._overlap = bool(on)
         if self.inner is not None:
             self.inner.overlap = self._overlap
+
+    @property
+    def overlap_probe(self) -> bool:
+        """Measure overlap against one block (see :attr:`LayerwiseExchange.overlap_probe`)."""
+        return self.inner.overlap_probe if self.inner is not None else self._probe
+
+    @overlap_probe.setter
+    def overlap_probe(self, on: bool) -> None:
+        self._probe = bool(on)
+        if self.inner is not None:
+            self.inner.overlap_probe = self._probe
+
+    @property
+    def bucket_cap_mb(self) -> Optional[float]:
+        """The overlapped buckets' cap (see :attr:`LayerwiseExchange.bucket_cap_mb`)."""
+        return self.inner.bucket_cap_mb if self.inner is not None else self._cap_mb
+
+    @bucket_cap_mb.setter
+    def bucket_cap_mb(self, mb: Optional[float]) -> None:
+        bucket_cap_bytes(mb)  # checked now, not at the first step
+        self._cap_mb = mb
+        if self.inner is not None:
+            self.inner.bucket_cap_mb = mb
 
     def grad_ready(self, p: torch.Tensor) -> None:
         """Forwarded to the layer-wise exchange once the types are known (a no-op before)."""
@@ -687,6 +807,8 @@ class AutoTypedExchange:
         if self.inner is None:
             self.inner = self._build(self._find_typing())
             self.inner.overlap = self._overlap
+            self.inner.bucket_cap_mb = self._cap_mb
+            self.inner.overlap_probe = self._probe
         self.inner()
 
     def typing_state(self) -> Optional[dict]:
@@ -703,3 +825,5 @@ class AutoTypedExchange:
             self.inner = self._build(LayerTyping(state["type_ids"], tuple(state["type_names"]),
                                                  frozenset(state["uncompressed"]), state["numels"]))
             self.inner.overlap = self._overlap
+            self.inner.bucket_cap_mb = self._cap_mb
+            self.inner.overlap_probe = self._probe

@@ -336,23 +336,29 @@ class _DistributedOptimizer:
     # -- hooks and call order (Horovod's rules and sentences) ---------------------------
 
     _overlap = False
+    _bucket_cap_mb: Optional[float] = None
 
     def _set_overlap(self, on: Optional[bool]) -> None:
         """Start each bucket's collective from the hooks (layer-wise compression only; not with
         ``gradient_predivide_factor``, which scales the gradients at ``synchronize()``).
-        ``None``: on for CUDA parameters with a communicator that runs collectives in the
-        background (Horovod's); off on CPU ranks, where the codec and the collective's polling
-        would share the cores with backward (measured slower on the emulated cluster)."""
+        ``None``: with a communicator that runs collectives in the background (Horovod's),
+        measured: overlapped and one-block iterations are timed in turn over the first steps
+        where overlap is possible and every rank keeps the faster (one small allreduce);
+        off with communicators that only run collectives at ``synchronize()``."""
         if on is not None and not isinstance(on, bool):
             raise TypeError(f"overlap must be a bool or None, got {type(on).__name__}")
         self._overlap_wanted = on
+        probe = on is None
         if on is None:
-            on = bool(getattr(self._communicator, "asynchronous", False)
-                      and any(p.is_cuda for _, p in self._named))
+            on = bool(getattr(self._communicator, "asynchronous", False))
         self._overlap = bool(on and hasattr(self._exchange, "grad_ready")
                              and self.gradient_predivide_factor == 1.0)
         if hasattr(self._exchange, "overlap"):
             self._exchange.overlap = self._overlap
+        if hasattr(self._exchange, "overlap_probe"):
+            self._exchange.overlap_probe = probe and self._overlap
+        if hasattr(self._exchange, "bucket_cap_mb"):
+            self._exchange.bucket_cap_mb = self._bucket_cap_mb
 
     def _count_pass(self, p: torch.Tensor) -> None:
         if self._passes[p] >= self.backward_passes_per_step:
@@ -506,8 +512,10 @@ class _DistributedOptimizer:
         ``*_per_exchange`` means, ``collectives``, ``time_quantize_s`` / ``time_encode_s`` /
         ``time_exchange_s`` / ``time_decode_s``, ``strategy`` (``"local"`` on a rank outside
         the process set), ``level_updates``, and for layer-wise compression ``types`` (name ->
-        number of levels) and ``sends`` (``"quantized"``, or ``"fp32"`` once ``fallback`` has
-        switched).
+        number of levels), ``sends`` (``"quantized"``, or ``"fp32"`` once ``fallback`` has
+        switched), ``overlap`` (``"on"``, ``"off"``, or ``"probing"`` while the default
+        ``overlap=None`` is timing both modes) and ``overlap_measured`` (mean seconds per
+        iteration of each mode over all ranks, once probed).
 
         Example::
 
@@ -540,6 +548,10 @@ class _DistributedOptimizer:
             out["types"] = {name: int(layerwise.lq.levels(t).numel())
                             for t, name in enumerate(layerwise.typing.type_names)}
             out["sends"] = layerwise.sends
+            out["overlap"] = ("probing" if layerwise.overlap and layerwise.overlap_probe
+                              and not layerwise.overlap_decided
+                              else "on" if layerwise.overlap else "off")
+            out["overlap_measured"] = layerwise.overlap_measured
         return out
 
     def _extra_state(self) -> Optional[dict[str, Any]]:
@@ -633,7 +645,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          num_groups: int = 0, groups=None, sparse_as_dense: bool = False,
                          process_set=None, *, exchange: str = "auto",
                          communicator: Optional[Communicator] = None,
-                         overlap: Optional[bool] = None):
+                         overlap: Optional[bool] = None,
+                         bucket_cap_mb: Optional[float] = None):
     """Wrap ``optimizer`` so that ``step()`` first averages gradients over ranks in ONE exchange.
 
     Positional arguments and defaults are those of Horovod 0.28's
@@ -673,14 +686,25 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
             :class:`~qoda_hvd.comm.LocalGroup` member in tests. Not together with
             ``process_set``.
         overlap: layer-wise compression with ``exchange="allgather"``: quantize, encode and
-            start each layer type's allgather from the gradient hooks, while backward goes on
+            start each bucket's allgather from the gradient hooks, while backward goes on
             (Horovod's way of hiding communication); ``synchronize()`` then waits and decodes.
             Same aggregate, bit for bit; one communication round, one collective per bucket.
-            ``None`` (default): on for CUDA parameters with Horovod's communicator (its
-            background thread runs the collectives while the GPU computes); off on CPU ranks,
-            where the codec and the collectives' polling share the cores with backward (on the
-            emulated cluster, one core per rank, it measured 0.84-0.95x of the one-block
-            exchange), and with communicators that only run collectives at ``synchronize()``.
+            The starts run on a worker thread (on CUDA on a side stream after an event of the
+            backward's stream), so the hook returns at once. ``True``: always; ``False``:
+            never. ``None`` (default), with Horovod's communicator: measured, as ``fallback``
+            is: over the first 14 steps where overlap is possible, overlapped and one-block
+            iterations are timed in turn and every rank keeps the faster (ONE small allreduce;
+            ``compression_stats()["overlap"]`` says which). Whether overlap pays depends on
+            what it hides (wire time behind backward) against what it costs (the codec and the
+            collectives' progress sharing the cores with backward): on the emulated CPU
+            cluster, one core per rank, it ranged from 0.83x to 1.15x. Off with communicators
+            that only run collectives at ``synchronize()``.
+        bucket_cap_mb: with ``overlap``, MiB of float32 gradient at which a bucket closes
+            (DDP's ``bucket_cap_mb``): each layer type is cut at parameter ends into buckets of
+            about this size, and a larger parameter into near-equal pieces, so the first
+            collectives start sooner. ``None`` (default): Horovod's
+            ``HOROVOD_FUSION_THRESHOLD`` (bytes) when set, else 25; ``0``: one bucket per
+            parameter; ``math.inf``: one per layer type.
 
     Example::
 
@@ -704,6 +728,10 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     wrapped = cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step,
                   op, gradient_predivide_factor, groups, sparse_as_dense, process_set, exchange,
                   communicator)
+    from qoda_hvd.comm.buckets import bucket_cap_bytes
+
+    bucket_cap_bytes(bucket_cap_mb)  # TypeError / ValueError now, naming the argument
+    wrapped._bucket_cap_mb = bucket_cap_mb
     wrapped._set_overlap(overlap)
     # Rebuilding from param_groups keeps every per-group hyperparameter; QODA's and
     # ExtraGradient's step-size rule is an attribute of the optimizer, so it is carried over too.

@@ -39,14 +39,14 @@ def batch(rank, step):
     return idx, (idx[:, 0] % 4)
 
 
-def train(hvd, overlap, exchange, steps=6):
+def train(hvd, overlap, exchange, steps=6, coding="auto", cap=None):
     model = OddOrder()
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     opt = qoda_hvd.DistributedOptimizer(
         QODA([p for p in model.parameters() if p.requires_grad], lr=0.05),
         [(n, p) for n, p in model.named_parameters() if p.requires_grad],
-        compression=qoda_hvd.Compression.layerwise(**LAYERWISE), exchange=exchange,
-        overlap=overlap)
+        compression=qoda_hvd.Compression.layerwise(coding=coding, **LAYERWISE),
+        exchange=exchange, overlap=overlap, bucket_cap_mb=cap)
     for step in range(steps):
         x, y = batch(hvd.rank(), step)
         opt.zero_grad()
@@ -55,10 +55,17 @@ def train(hvd, overlap, exchange, steps=6):
     return model, opt
 
 
-@pytest.mark.parametrize("exchange", ["allgather", "scatter_gather"])
-def test_overlap_on_and_off_give_identical_parameters(multi, exchange):
-    on, opt_on = train(multi, True, exchange)
-    off, opt_off = train(multi, False, exchange)
+#: exchange x codec x bucket cap (MiB; 0.005 cuts the 4096-coordinate layers in pieces, 0 puts
+#: every parameter alone, None is the default: one bucket per layer type here)
+CASES = [("allgather", "auto", None), ("allgather", "fixed", 0.005), ("allgather", "rans", 0.0),
+         ("allgather", "ans", 0.005), ("allgather", "zstd", None), ("scatter_gather", "auto", None),
+         ("scatter_gather", "rans", 0.005)]
+
+
+@pytest.mark.parametrize("exchange, coding, cap", CASES)
+def test_overlap_on_and_off_give_identical_parameters(multi, exchange, coding, cap):
+    on, opt_on = train(multi, True, exchange, coding=coding, cap=cap)
+    off, opt_off = train(multi, False, exchange, coding=coding)
     for a, b in zip(on.parameters(), off.parameters()):
         assert torch.equal(a, b)
     flat = torch.cat([p.detach().reshape(-1) for p in on.parameters()])
@@ -69,3 +76,12 @@ def test_overlap_on_and_off_give_identical_parameters(multi, exchange):
     assert st_on["exchanges"] == st_off["exchanges"] == st_on["rounds"] == 6
     if exchange == "allgather":  # one allgather per bucket on overlapped steps
         assert st_on["collectives"] > st_off["collectives"]
+        ex = opt_on._exchange
+        sizes = [b.numel for b in ex.buckets.buckets]
+        if cap is None:  # one bucket per layer type (and the raw tensors)
+            assert len(sizes) == sum(1 for buf in ex.fused.buffers if buf.numel())
+        elif cap == 0:  # every parameter alone (all sizes here are whole norm buckets)
+            assert len(sizes) == len([p for p in on.parameters() if p.requires_grad])
+        else:  # a bucket closes once it reaches the cap (as DDP's); 4096-coordinate layers
+            # are cut in pieces of 1024 (1310 coordinates is the cap)
+            assert max(sizes) < 2 * cap * 2 ** 20 / 4 and sizes.count(1024) >= 8

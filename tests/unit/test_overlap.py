@@ -14,8 +14,10 @@ from qoda_hvd.quant import LayerwiseQuantizer, classify_parameters
 def model():
     """The same weights in every call, from a generator of its own: fake ranks are threads,
     and the global RNG would be shared (and raced) by them."""
-    m = nn.Sequential(nn.Embedding(300, 32), nn.Flatten(), nn.Linear(32 * 4, 64), nn.ReLU(),
-                      nn.Linear(64, 8))
+    # sizes that are not multiples of the norm bucket (1024): with a small bucket cap, cuts
+    # round up into the next parameter, which then belongs to two buckets
+    m = nn.Sequential(nn.Embedding(300, 30), nn.Flatten(), nn.Linear(30 * 4, 50), nn.ReLU(),
+                      nn.Linear(50, 70), nn.ReLU(), nn.Linear(70, 9))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in m.parameters():
@@ -23,18 +25,20 @@ def model():
     return m
 
 
-def aggregate(rank, comm, overlap, order, steps=4, coding="auto", schedule=(0, 2)):
-    m = model()
+def aggregate(rank, comm, overlap, order, steps=4, coding="auto", schedule=(0, 2), cap=None,
+              device="cpu"):
+    m = model().to(device)
     typing = classify_parameters(m, min_numel=256)
     named = list(m.named_parameters())
     ex = LayerwiseExchange(typing, named, LayerwiseQuantizer(typing, bits=4, schedule=schedule),
                            comm, "allgather", coding, seed=3)
     ex.overlap = overlap
+    ex.bucket_cap_mb = cap
     grads = []
     for step in range(steps):
         g = torch.Generator().manual_seed(100 * rank + step)
         for _, p in named:
-            p.grad = torch.randn(p.shape, generator=g)
+            p.grad = torch.randn(p.shape, generator=g).to(device)
         if order == "reverse":
             ready = list(reversed(named))
         elif order == "shuffled":
@@ -45,23 +49,28 @@ def aggregate(rank, comm, overlap, order, steps=4, coding="auto", schedule=(0, 2
         for _, p in ready:
             ex.grad_ready(p)
         ex()
-        grads.append(torch.cat([p.grad.reshape(-1) for _, p in named]).clone())
-    return grads, comm.stats.collectives, ex.stats.exchanges
+        grads.append(torch.cat([p.grad.reshape(-1) for _, p in named]).cpu())
+    return grads, comm.stats.collectives, ex.stats.exchanges, len(ex.buckets.buckets)
 
 
 @pytest.mark.parametrize("order", ["reverse", "shuffled", "missing"])
 @pytest.mark.parametrize("coding", ["auto", "fixed", "rans"])
-def test_overlap_gives_the_block_aggregate_bit_for_bit(order, coding):
+@pytest.mark.parametrize("cap", [None, 0.0, 0.02])
+def test_overlap_gives_the_block_aggregate_bit_for_bit(order, coding, cap):
     block = run_ranks(2, lambda r, c: aggregate(r, c, False, order, coding=coding))
-    over = run_ranks(2, lambda r, c: aggregate(r, c, True, order, coding=coding))
+    over = run_ranks(2, lambda r, c: aggregate(r, c, True, order, coding=coding, cap=cap))
     for rank in range(2):
         for a, b in zip(block[rank][0], over[rank][0]):
             assert torch.equal(a, b)
         assert torch.equal(over[rank][0][-1], over[0][0][-1])  # identical across ranks
-        # one round per call either way; the overlapped one uses one allgather per bucket
-        # (3 types + raw) on steps without a level update (1 and 3)
+        # one round per call either way; the overlapped one uses one allgather per bucket on
+        # steps without a level update (1 and 3); the block one allgather + one level
+        # allreduce on steps 0 and 2, one allgather on 1 and 3
         assert block[rank][2] == over[rank][2] == 4
-        assert over[rank][1] > block[rank][1]
+        buckets = over[rank][3]
+        assert buckets == {None: 4, 0.0: 7, 0.02: 6}[cap]  # 3 types + raw, split by the cap
+        assert block[rank][1] == 6
+        assert over[rank][1] == 4 + 2 * buckets
 
 
 def train_wrapped(rank, comm, overlap, exchange="allgather", steps=5, bpps=1):
@@ -107,3 +116,89 @@ def test_overlap_is_a_bool():
     with pytest.raises(TypeError, match="overlap must be a bool or None"):
         qoda_hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m.named_parameters(),
                                       communicator=LocalGroup(1)[0], overlap="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cap", [None, 0.02])
+def test_overlap_on_cuda_side_stream_matches_the_cpu_block(cap):
+    """Buckets started on the worker's side stream (after the backward stream's event) give the
+    aggregate the one-block exchange gives on the CPU, bit for bit."""
+    cpu = run_ranks(2, lambda r, c: aggregate(r, c, False, "reverse"))
+    gpu = run_ranks(2, lambda r, c: aggregate(r, c, True, "reverse", cap=cap, device="cuda"))
+    for rank in range(2):
+        for a, b in zip(cpu[rank][0], gpu[rank][0]):
+            assert torch.equal(a, b)
+
+
+def test_bucket_cap_mb_is_checked_by_the_optimizer():
+    import qoda_hvd
+    from qoda_hvd.comm import LocalGroup
+
+    m = model()
+    for bad, err in [(-1, ValueError), ("25", TypeError), (float("nan"), ValueError)]:
+        with pytest.raises(err, match="bucket_cap_mb"):
+            qoda_hvd.DistributedOptimizer(
+                torch.optim.SGD(m.parameters(), lr=0.1), m.named_parameters(),
+                compression=qoda_hvd.Compression.layerwise(bits=4, min_numel=256),
+                communicator=LocalGroup(1)[0], overlap=True, bucket_cap_mb=bad)
+    opt = qoda_hvd.DistributedOptimizer(
+        torch.optim.SGD(m.parameters(), lr=0.1), m.named_parameters(),
+        compression=qoda_hvd.Compression.layerwise(bits=4, min_numel=256),
+        communicator=LocalGroup(1)[0], overlap=True, bucket_cap_mb=0.01)
+    assert opt._exchange.bucket_cap_mb == pytest.approx(0.01)
+
+
+def probed(rank, comm, steps, sums=None):
+    m = model()
+    typing = classify_parameters(m, min_numel=256)
+    named = list(m.named_parameters())
+    ex = LayerwiseExchange(typing, named, LayerwiseQuantizer(typing, bits=4, schedule=(0, 5)),
+                           comm, "allgather", "auto", seed=3)
+    ex.overlap, ex.overlap_probe = True, True
+    modes, grads = [], []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(100 * rank + step)
+        for _, p in named:
+            p.grad = torch.randn(p.shape, generator=g)
+        modes.append(ex._overlap_now())
+        if sums is not None and ex._ov_calls == 13:  # the last timed call: planted totals
+            ex._ov_sums = list(sums[rank])
+        for _, p in reversed(named):
+            ex.grad_ready(p)
+        ex()
+        grads.append(torch.cat([p.grad.reshape(-1) for _, p in named]).clone())
+    return modes, grads, ex.overlap, ex.overlap_decided, ex.overlap_measured, \
+        comm.stats.allreduces
+
+
+def test_overlap_probe_times_both_modes_then_every_rank_keeps_the_same_choice():
+    out = run_ranks(2, lambda r, c: probed(r, c, 20))
+    block = run_ranks(2, lambda r, c: aggregate(r, c, False, "reverse", steps=20,
+                                               schedule=(0, 5)))
+    for rank in range(2):
+        modes, grads, on, decided, measured, allreduces = out[rank]
+        # steps 0 and 5 update levels (one block); of the others, eligible calls 0-1 warm up
+        # overlapped, then pairs alternate overlapped / one block; decided after 14 of them
+        assert modes[:16] == [False, True, True, True, True, False, False, False, True, True,
+                              False, False, True, True, False, False]
+        assert decided and set(measured) == {"block_s", "overlapped_s"}
+        assert modes[16:] == [on] * 4
+        assert out[rank][2:5] == out[0][2:5]  # same decision and figures on every rank
+        assert allreduces == 2 + 1  # two level agreements + the decision
+        for a, b in zip(grads, block[rank][0]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sums, keep", [
+    (([1.0, 2.0], [1.0, 0.1]), False),  # one block faster over all ranks (2.0 < 2.1)
+    (([1.0, 0.5], [1.0, 1.2]), True),   # overlapped faster (1.7 < 2.0)
+])
+def test_overlap_probe_keeps_the_faster_mode_over_all_ranks(sums, keep):
+    out = run_ranks(2, lambda r, c: probed(r, c, 17, sums=sums))
+    for rank in range(2):
+        modes, _, on, decided, measured, _ = out[rank]
+        assert decided and on is keep and modes[16] is keep
+        assert measured == pytest.approx({"block_s": (sums[0][0] + sums[1][0]) / 12,
+                                          "overlapped_s": (sums[0][1] + sums[1][1]) / 12},
+                                         abs=0.01)  # + the last timed call itself
