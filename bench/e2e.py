@@ -9,8 +9,11 @@ every method in turn on the same models (see ``bench/e2e_worker.py`` for what ea
    quantizer (``types={"*": "feedforward"}``, ``levels="optimal"``), two exchanges per iteration
    (Q-GenX style);
 4. ``qoda_allgather`` / ``qoda_scatter_gather``: QODA with layer-wise quantization and entropy
-   coding (ours), one exchange per iteration, both exchange strategies; and ``qoda_fallback``,
-   the same with ``fallback=True`` (measures both paths in its first exchanges, keeps the faster).
+   coding (ours), one exchange per iteration, both exchange strategies; ``qoda_overlap``, the
+   allgather with its buckets started from the gradient hooks (``overlap=True``);
+   ``qoda_probed``, the allgather with the default ``overlap=None`` (times both modes in its
+   first iterations, keeps the faster); and ``qoda_fallback``, the same with ``fallback=True``
+   (measures both paths in its first exchanges, keeps the faster).
 5. ``psgd_global`` / ``psgd_layerwise``: QODA with PowerSGD (``Compression.powersgd``), one rank
    ``R`` everywhere, and per-type ranks by L-GreCo's DP under the error budget of rank ``R``;
 6. ``ddp_powersgd`` (LM only): the peer, PyTorch DDP over gloo with torch's own
@@ -32,6 +35,8 @@ Usage::
     sudo .venv/bin/python bench/e2e.py --quick    # 100mbit, 1gbit, unshaped, small models: ~4 min
     sudo .venv/bin/python bench/e2e.py            # 5 bandwidths at 2 nodes + 4 nodes at 1gbit: ~15 min
     sudo .venv/bin/python bench/e2e.py --bandwidths 1gbit unshaped --nodes 2 4
+    sudo .venv/bin/python bench/e2e.py --bandwidths 100mbit --models lm --no-vi --psgd-rank 0 \
+        --methods qoda_allgather qoda_overlap qoda_probed      # the overlap rows, full size
 """
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ METHOD_LABELS = {
     "eg_global": "(3) EG, global quantizer, 2 exch.",
     "qoda_allgather": "(4) QODA layer-wise, allgather",
     "qoda_overlap": "(4) QODA layer-wise, allgather+overlap",
+    "qoda_probed": "(4) QODA, overlap probed",
     "qoda_scatter_gather": "(4) QODA layer-wise, scatter_gather",
     "qoda_fallback": "(4) QODA, fallback",
     "qoda_layerwise": "(4) QODA layer-wise",
@@ -74,7 +80,7 @@ METHOD_LABELS = {
 
 _COMMON = {"bits": 4, "levels": "optimal", "coding": "auto",
            "methods": ["hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather", "qoda_overlap",
-                       "qoda_scatter_gather", "qoda_fallback"],
+                       "qoda_probed", "qoda_scatter_gather", "qoda_fallback"],
            "vi_methods": ["hvd_fp32", "eg_global", "qoda_layerwise"],
            # PowerSGD rows: rank R of the global row, the budget of the layer-wise one, DDP's.
            "lowrank_methods": ["psgd_global", "psgd_layerwise", "ddp_powersgd"], "psgd_rank": 8}
@@ -171,6 +177,8 @@ def step_table(runs: list[dict], model: str) -> list[str]:
             wire = None if r.get("wire_tx_bytes") is None else r["wire_tx_bytes"]
             bits = r.get("bits_per_coordinate")
             label = METHOD_LABELS[name]
+            if name == "qoda_probed" and r.get("overlap"):
+                label += {"on": " -> on", "off": " -> off"}.get(r["overlap"], " (probing)")
             if name == "qoda_fallback" and r.get("sends"):
                 label += " -> fp32" if r["sends"] == "fp32" else " -> quantized"
                 # Runs before the worker counted bits per timed row mixed the probe's float32
@@ -223,11 +231,16 @@ def goals(runs: list[dict]) -> list[str]:
             res = m["methods"]
             fp32 = res["hvd_fp32"]
             share = (fp32["exchange_s"] or 0.0) / fp32["step_s"]
-            qoda = min((res[k] for k in ("qoda_allgather", "qoda_overlap", "qoda_scatter_gather")
+            qoda = min((res[k] for k in ("qoda_allgather", "qoda_overlap", "qoda_probed",
+                                         "qoda_scatter_gather")
                         if k in res),
-                       key=lambda r: r["step_s"])
+                       key=lambda r: r["step_s"], default=None)
+            if qoda is None:  # --methods without a quantized QODA row
+                continue
             tag = f"{run['nodes']} nodes {run['bandwidth']:>8} {model:<8}"
-            vs1, vs3 = fp32["step_s"] / qoda["step_s"], res["eg_global"]["step_s"] / qoda["step_s"]
+            eg = res.get("eg_global")
+            vs1 = fp32["step_s"] / qoda["step_s"]
+            vs3 = eg["step_s"] / qoda["step_s"] if eg else float("nan")
             best = f"best QODA = {qoda['method']}"
             if run["bandwidth"] == UNSHAPED:
                 ratio = qoda["step_s"] / fp32["step_s"]
@@ -235,8 +248,9 @@ def goals(runs: list[dict]) -> list[str]:
                              f"({'met' if ratio <= 1.10 else 'NOT met'}; {best})")
             elif share >= 0.6:
                 ok = vs1 >= 2.5 and vs3 >= 1.5
+                verdict = ('met' if ok else 'NOT met') if eg else "(3) not run"
                 lines.append(f"  {tag} fp32 comm {share:.0%}: {vs1:.2f}x vs (1), {vs3:.2f}x vs "
-                             f"(3) ({'met' if ok else 'NOT met'}; {best})")
+                             f"(3) ({verdict}; {best})")
             else:
                 lines.append(f"  {tag} fp32 comm {share:.0%} (< 60%, goal n/a): {vs1:.2f}x vs "
                              f"(1), {vs3:.2f}x vs (3)")
@@ -267,6 +281,12 @@ def goals(runs: list[dict]) -> list[str]:
                 lines.append(f"  {'':<{len(tag)}} overlap: exposed comm {_ms(on['exposed_s'])} vs "
                              f"{_ms(off['exposed_s'])} ms without ({share:.0%}), {speed:.2f}x per "
                              f"iteration ({verdict})")
+            pr = res.get("qoda_probed")
+            if pr is not None and off is not None:
+                lines.append(f"  {'':<{len(tag)}} overlap=None (probed) kept it "
+                             f"{pr.get('overlap') or '?'}: {off['step_s'] / pr['step_s']:.2f}x the "
+                             f"one-block iteration" + (f", {on['step_s'] / pr['step_s']:.2f}x the "
+                                                       f"overlapped one" if on else ""))
             fb = res.get("qoda_fallback")
             if fb is not None:  # reported apart: it may not be quantizing at all
                 lines.append(f"  {'':<{len(tag)}} with fallback (sent {fb.get('sends') or '?'}): "
@@ -348,6 +368,8 @@ def _raise_on_signal(signum, frame) -> None:
 
 
 def main(argv=None) -> int:
+    from e2e_worker import STEP_METHODS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small models, 3 bandwidths (~4 min)")
@@ -360,6 +382,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-vi", action="store_true", help="skip the time-to-target game")
     parser.add_argument("--psgd-rank", type=int,
                         help="PowerSGD rank R of the low-rank rows (default 8; 0: no such rows)")
+    parser.add_argument("--models", nargs="+", choices=("wgan_gp", "lm"),
+                        help="only these models (default both)")
+    parser.add_argument("--methods", nargs="+", choices=STEP_METHODS[1:],
+                        help="only these step methods; (1) Horovod fp32, the baseline, always runs")
+    parser.add_argument("--bucket-cap-mb", type=float, metavar="MB",
+                        help="bucket cap of the overlapped row (default: DistributedOptimizer's)")
     parser.add_argument("--no-example", action="store_true",
                         help="use the stand-in G/D even if examples/wgan_gp.py has builders")
     parser.add_argument("--report", type=Path, metavar="JSON",
@@ -399,6 +427,14 @@ def main(argv=None) -> int:
             cfg["psgd_rank"] = args.psgd_rank
     if args.coding:
         cfg["coding"] = args.coding
+    if args.models:
+        cfg["models"] = {k: v for k, v in cfg["models"].items() if k in args.models}
+    if args.methods:
+        cfg["methods"] = ["hvd_fp32"] + [m for m in STEP_METHODS[1:] if m in args.methods]
+    if args.bucket_cap_mb is not None:
+        if not args.bucket_cap_mb >= 0:
+            parser.error(f"--bucket-cap-mb must be >= 0, got {args.bucket_cap_mb}")
+        cfg["bucket_cap_mb"] = args.bucket_cap_mb
     # Decide the G/D source once, so every job of this run trains the same models even if
     # examples/wgan_gp.py changes meanwhile.
     from e2e_worker import _example_builders

@@ -16,6 +16,10 @@ What it measures, per model (a WGAN-GP at CIFAR size and a communication-heavy t
   tensor (``types={"*": "feedforward"}``), two gradients and two exchanges per iteration;
 - ``qoda_allgather`` / ``qoda_scatter_gather``: ``qoda_hvd.DistributedOptimizer(QODA)`` with
   layer-wise quantization (types from the model) and entropy coding, one exchange per iteration;
+- ``qoda_overlap``: allgather with ``overlap=True`` (buckets started from the gradient hooks);
+  ``qoda_probed``: allgather with the default ``overlap=None``, which times overlapped and
+  one-block iterations over its first 14 eligible steps and keeps the faster (warms up 16
+  iterations; its row says which it kept);
 - ``qoda_fallback``: the same (``exchange="auto"``) with ``fallback=True``: exchanges 1-3 timed
   quantized and 5-7 as one float32 allreduce, then all ranks keep the faster (so it warms up 8
   iterations); its row says what it ended up sending.
@@ -62,12 +66,12 @@ WGAN_EXAMPLE = ROOT / "examples" / "wgan_gp.py"
 
 #: Methods of the per-step comparison, in table order.
 STEP_METHODS = ("hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather", "qoda_overlap",
-                "qoda_scatter_gather", "qoda_fallback")
+                "qoda_probed", "qoda_scatter_gather", "qoda_fallback")
 #: Low-rank methods, reported apart (``"lowrank"``); ``ddp_powersgd`` on the LM only.
 LOWRANK_METHODS = ("psgd_global", "psgd_layerwise", "ddp_powersgd")
 #: Warm-up iterations a method needs before its steady state is timed (the fallback's probe;
 #: torch's hook allreduces plainly until ``start_powerSGD_iter`` = 2, the least it allows).
-MIN_WARMUP = {"qoda_fallback": 8, "ddp_powersgd": 3}
+MIN_WARMUP = {"qoda_fallback": 8, "qoda_probed": 16, "ddp_powersgd": 3}
 #: Methods of the time-to-target comparison.
 VI_METHODS = ("hvd_fp32", "eg_global", "qoda_layerwise")
 
@@ -359,13 +363,16 @@ class Method:
         else:
             types = {"*": "feedforward"} if name == "eg_global" else cfg.get("types") or model
             exchange = {"qoda_allgather": "allgather", "qoda_overlap": "allgather",
+                        "qoda_probed": "allgather",
                         "qoda_scatter_gather": "scatter_gather"}.get(name, "auto")
             comp = qoda_hvd.Compression.layerwise(bits=bits, levels=levels, coding=cfg["coding"],
                                                   types=types, bandwidth=link_bytes_per_s,
                                                   fallback=name == "qoda_fallback")
             self.opt = qoda_hvd.DistributedOptimizer(base, named_parameters=named,
                                                      compression=comp, exchange=exchange,
-                                                     overlap=name == "qoda_overlap")
+                                                     overlap=(None if name == "qoda_probed"
+                                                              else name == "qoda_overlap"),
+                                                     bucket_cap_mb=cfg.get("bucket_cap_mb"))
             self.kind = "qoda"
         self.numel = sum(p.numel() for _, p in named if p.requires_grad)
 
@@ -390,7 +397,7 @@ class Method:
                 "qenc": s["time_quantize_s"] + s["time_encode_s"], "exch": s["time_exchange_s"],
                 "dec": s["time_decode_s"], "sent": s["bytes_sent"], "recv": s["bytes_received"],
                 "exchanges": s["exchanges"], "bits": s["bits_per_coordinate"],
-                "strategy": s["strategy"], "sends": s.get("sends")}
+                "strategy": s["strategy"], "sends": s.get("sends"), "overlap": s.get("overlap")}
 
 
 def time_methods(methods: list, warmup: int, steps: int, wire: bool) -> list[dict]:
@@ -422,7 +429,8 @@ def time_methods(methods: list, warmup: int, steps: int, wire: bool) -> list[dic
             rec["rows"].append(row)
     for (method, _), rec in zip(methods, records):
         last = method.phase_times()
-        rec.update(bits=last.get("bits"), strategy=last.get("strategy"), sends=last.get("sends"))
+        rec.update(bits=last.get("bits"), strategy=last.get("strategy"), sends=last.get("sends"),
+                   overlap=last.get("overlap"))
     return records
 
 
@@ -440,7 +448,7 @@ def summarise(per_rank: list[dict], name: str, numel: int, k: int, compute_s: Op
     out = {"method": name, "step_s": step_time, "numel": numel, "steps_timed": steps,
            "exchanges_per_iteration": 2 if extragradient else 1,
            "bits_per_coordinate": per_rank[0].get("bits"), "strategy": per_rank[0].get("strategy"),
-           "sends": per_rank[0].get("sends")}
+           "sends": per_rank[0].get("sends"), "overlap": per_rank[0].get("overlap")}
     rows = per_rank[0]["rows"]
     if rows and "coords" in rows[0] and sum(r["coords"] for r in rows):
         # Over the timed iterations only (the fallback's probe sends float32 in its warm-up).
