@@ -278,8 +278,9 @@ def goals(runs: list[dict]) -> list[str]:
                                f"{'met' if ok else 'NOT met'}")
                 else:
                     verdict = "no goal at this rate"
+                pct = f"{share:.0%}" if off["exposed_s"] >= 1e-3 else "nothing exposed without"
                 lines.append(f"  {'':<{len(tag)}} overlap: exposed comm {_ms(on['exposed_s'])} vs "
-                             f"{_ms(off['exposed_s'])} ms without ({share:.0%}), {speed:.2f}x per "
+                             f"{_ms(off['exposed_s'])} ms without ({pct}), {speed:.2f}x per "
                              f"iteration ({verdict})")
             pr = res.get("qoda_probed")
             if pr is not None and off is not None:
