@@ -141,10 +141,10 @@ class BucketPlan:
     Example::
 
         >>> a, b = torch.zeros(3000), torch.zeros(3000)
-        >>> plan = BucketPlan([[a, b]], [torch.zeros(6000)], [1024], cap_bytes=4 * 2000)
+        >>> plan = BucketPlan([[a, b]], [torch.zeros(6000)], [1024], cap_bytes=4 * 3000)
         >>> [(x.lo, x.hi) for x in plan.buckets]
         [(0, 3072), (3072, 6000)]
-        >>> plan.ready(a), [x.index for x in plan.ready(b)]      # b ends in both
+        >>> plan.ready(a), [x.index for x in plan.ready(b)]      # b is in both
         ([], [0, 1])
     """
 
@@ -175,6 +175,10 @@ class BucketPlan:
     def reset(self) -> None:
         """A new round: no gradient ready yet."""
         self._remaining = [len(b.params) for b in self.buckets]
+
+    def buckets_of(self, p: torch.Tensor) -> list[int]:
+        """Indices of the buckets ``p`` has coordinates in (none if it is not in the plan)."""
+        return self._of.get(id(p), [])
 
     def ready(self, p: torch.Tensor) -> list[Bucket]:
         """``p``'s gradient is final: the buckets this completes (usually none or one)."""
@@ -214,25 +218,30 @@ class BucketWorker:
         self._streams: dict[int, "torch.cuda.Stream"] = {}
         self._lock = threading.Lock()
 
-    def submit(self, fn: Callable[[], object], device: torch.device) -> Future:
-        """Run ``fn`` on the worker after everything submitted before. On CUDA, first record
-        an event on this thread's current stream (where backward made the gradients): ``fn``
-        runs on the side stream after it."""
-        ready = None
+    def submit(self, fn: Callable[[], object], device: torch.device,
+               events: Optional[Sequence] = None) -> Future:
+        """Run ``fn`` on the worker after everything submitted before. On CUDA ``fn`` runs on
+        the side stream after ``events`` (recorded where the bucket's gradients were made), or,
+        with none given, after an event recorded now on this thread's current stream."""
+        ready: list = []
         if device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(device))
+            ready = [e for e in (events or ()) if e is not None]
+            if not ready:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
+                ready = [event]
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qoda-bucket")
             return self._pool.submit(self._run, fn, device, ready)
 
-    def _run(self, fn: Callable[[], object], device: torch.device, ready) -> object:
-        if ready is None:
+    def _run(self, fn: Callable[[], object], device: torch.device, ready: list) -> object:
+        if not ready:
             return fn()
         stream = self.stream(device)
         with torch.cuda.device(device), torch.cuda.stream(stream):
-            stream.wait_event(ready)
+            for event in ready:
+                stream.wait_event(event)
             return fn()
 
     def stream(self, device: torch.device) -> "torch.cuda.Stream":

@@ -247,7 +247,8 @@ class LayerwiseExchange:
         #: Start each bucket's collective from the gradient hooks (see :meth:`grad_ready`).
         self.overlap = False
         self._plan: Optional[BucketPlan] = None  # made on first use, or when the cap changes
-        self._cap_bytes = bucket_cap_bytes(None)
+        self._cap_mb: Optional[float] = None  # None: read where it is first needed
+        self._ready_events: dict[int, list] = {}  # (CUDA) per bucket, its gradients' events
         self._worker = BucketWorker()
         self._inflight: dict[int, Future] = {}
         #: With ``overlap``: time overlapped and one-block iterations and keep the faster (see
@@ -400,14 +401,17 @@ class LayerwiseExchange:
         timing_overlap = (self.overlap_probe and not self.overlap_decided
                           and self._overlap_possible() and self.comm.size > 1)
         t0 = time.perf_counter()
-        if self._inflight or (self._overlap_now() and self.comm.size > 1):
-            self._finish_overlapped()
-        elif self.sends == "fp32" or (probing and self._probe_calls >= _PROBE_FP32.start - 1):
-            self._send_fp32()
-        else:
-            self._send_quantized()
-        if self._plan is not None:
-            self._plan.reset()
+        try:
+            if self._inflight or (self._overlap_now() and self.comm.size > 1):
+                self._finish_overlapped()
+            elif self.sends == "fp32" or (probing and self._probe_calls >= _PROBE_FP32.start - 1):
+                self._send_fp32()
+            else:
+                self._send_quantized()
+        finally:  # a new round, also after an error: no count may carry over
+            if self._plan is not None:
+                self._plan.reset()
+            self._ready_events.clear()
         if probing:
             calls = self._probe_calls
             if calls in _PROBE_QUANTIZED or calls in _PROBE_FP32:
@@ -465,18 +469,22 @@ class LayerwiseExchange:
             self.overlap = False
 
     @property
-    def bucket_cap_mb(self) -> float:
+    def bucket_cap_mb(self) -> Optional[float]:
         """MiB of float32 gradient at which an overlapped bucket closes (see
-        :class:`qoda_hvd.comm.buckets.BucketPlan`); set ``None`` for the default (Horovod's
-        ``HOROVOD_FUSION_THRESHOLD`` when set, else 25 MiB as DDP)."""
-        return self._cap_bytes / 2 ** 20
+        :class:`qoda_hvd.comm.buckets.BucketPlan`); ``None`` for the default (Horovod's
+        ``HOROVOD_FUSION_THRESHOLD`` when set, else 25 MiB as DDP), read when the buckets are
+        first made. Like every setting that shapes the collectives, it must be the same on every
+        rank."""
+        return self._cap_mb
 
     @bucket_cap_mb.setter
     def bucket_cap_mb(self, mb: Optional[float]) -> None:
         if self._inflight:
             raise RuntimeError("bucket_cap_mb cannot change while buckets are in flight; set it "
                                "between steps")
-        self._cap_bytes = bucket_cap_bytes(mb)
+        if mb is not None:
+            bucket_cap_bytes(mb)  # TypeError / ValueError now, naming the argument
+        self._cap_mb = mb
         self._plan = None
 
     @property
@@ -485,22 +493,46 @@ class LayerwiseExchange:
         every rank)."""
         if self._plan is None:
             aligns = [self.lq.quantizer(g).bucket_size for g in range(self.num_types)] + [1]
-            self._plan = BucketPlan(self.fused.groups, self.fused.buffers, aligns, self._cap_bytes)
+            self._plan = BucketPlan(self.fused.groups, self.fused.buffers, aligns,
+                                    bucket_cap_bytes(self._cap_mb))
         return self._plan
+
+    @property
+    def overlap_state(self) -> str:
+        """``"on"``, ``"off"`` or ``"probing"``: what :meth:`grad_ready` does on steps without a
+        level update (off wherever overlap cannot happen: scatter_gather, one rank, float32)."""
+        if not (self.overlap and self.strategy == "allgather" and self.comm.size > 1
+                and self.sends == "quantized"):
+            return "off"
+        return "probing" if self.overlap_probe and not self.overlap_decided else "on"
+
+    def restart_overlap_probe(self) -> None:
+        """Time the overlap probe's calls from zero (every rank at once; see
+        :meth:`_decide_overlap`)."""
+        self._ov_calls, self._ov_sums, self._ov_last_end = 0, [0.0, 0.0], None
 
     def grad_ready(self, p: torch.Tensor) -> None:
         """``p``'s gradient is final for this round (the optimizer's hook, after
         ``backward_passes_per_step`` passes). When the last gradient of a bucket arrives, the
         bucket's start (copy out, quantize, pack, encode, start its allgather) goes to the
         worker thread, and backward goes on."""
+        if not (self._overlap_now() and self.comm.size > 1):
+            self.buckets.ready(p)  # counted all the same: a bucket may complete later
+            return
+        event = None
+        if p.is_cuda:  # where this gradient was made (models may use several streams)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(p.device))
+        for i in self.buckets.buckets_of(p):
+            self._ready_events.setdefault(i, []).append(event)
         for bucket in self.buckets.ready(p):
-            if bucket.index not in self._inflight and self._overlap_now() and self.comm.size > 1:
-                self._submit(bucket)
+            if bucket.index not in self._inflight:
+                self._submit(bucket, self._ready_events.pop(bucket.index, None))
 
-    def _submit(self, bucket: Bucket) -> None:
+    def _submit(self, bucket: Bucket, events: Optional[list] = None) -> None:
         device = self.fused.buffers[bucket.group].device
         self._inflight[bucket.index] = self._worker.submit(lambda: self._start_bucket(bucket),
-                                                           device)
+                                                           device, events)
 
     def _start_bucket(self, bucket: Bucket) -> tuple:
         """On the worker thread (on CUDA: on its side stream). Returns ``(handle, own)``."""
@@ -560,6 +592,8 @@ class LayerwiseExchange:
                             self._dequantize(own, self.lq.quantizer(g).levels, buf, not first,
                                              sender)
                         else:  # as the one-block path: zeros, then this rank's values added
+                            if own.is_cuda:  # made on the side stream, read on this one
+                                own.record_stream(torch.cuda.current_stream(own.device))
                             (buf.zero_() if first else buf).add_(own)
                     elif g < self.num_types:
                         self._decode_into(p, sender, [buf], None, accumulate=not first)
@@ -769,7 +803,8 @@ class AutoTypedExchange:
 
     @bucket_cap_mb.setter
     def bucket_cap_mb(self, mb: Optional[float]) -> None:
-        bucket_cap_bytes(mb)  # checked now, not at the first step
+        if mb is not None:
+            bucket_cap_bytes(mb)  # checked now, not at the first step
         self._cap_mb = mb
         if self.inner is not None:
             self.inner.bucket_cap_mb = mb

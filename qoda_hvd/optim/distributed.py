@@ -548,9 +548,7 @@ class _DistributedOptimizer:
             out["types"] = {name: int(layerwise.lq.levels(t).numel())
                             for t, name in enumerate(layerwise.typing.type_names)}
             out["sends"] = layerwise.sends
-            out["overlap"] = ("probing" if layerwise.overlap and layerwise.overlap_probe
-                              and not layerwise.overlap_decided
-                              else "on" if layerwise.overlap else "off")
+            out["overlap"] = layerwise.overlap_state
             out["overlap_measured"] = layerwise.overlap_measured
         return out
 
@@ -565,6 +563,10 @@ class _DistributedOptimizer:
                      "typing": ex.typing_state() if auto else None,
                      "sends": layerwise.sends,
                      "fallback_decided": layerwise.fallback_decided,
+                     # the overlap probe's outcome (every rank must keep the same one)
+                     "overlap_decided": layerwise.overlap_decided,
+                     "overlap": layerwise.overlap,
+                     "overlap_measured": layerwise.overlap_measured,
                      # a level update postponed by an all-zero gradient happens at the next step
                      "update_deferred": bool(getattr(layerwise, "_update_deferred", False))}
         elif auto:
@@ -589,6 +591,10 @@ class _DistributedOptimizer:
             if ex.fallback:  # a run without fallback=True quantizes, whatever the checkpoint chose
                 ex.sends = extra.get("sends", "quantized")
                 ex.fallback_decided = bool(extra.get("fallback_decided", False))
+            if ex.overlap_probe and extra.get("overlap_decided"):  # probed: keep its choice
+                ex.overlap_decided = True
+                ex.overlap = bool(extra.get("overlap", False))
+                ex.overlap_measured = extra.get("overlap_measured")
         load = getattr(self._exchange, "load_extra_state", None)
         if callable(load) and extra.get("exchange") is not None:
             load(extra["exchange"])
@@ -610,6 +616,10 @@ class _DistributedOptimizer:
         ex = ex.inner if isinstance(ex, AutoTypedExchange) else ex
         if isinstance(ex, LayerwiseExchange) and ex.fallback and not ex.fallback_decided:
             ex._probe_calls, ex._probe_sums = 0, [0.0, 0.0]
+        # The overlap probe likewise (a survivor of an elastic reset keeps its exchange while a
+        # new worker starts a fresh one; with types="auto" the other ranks rebuild theirs).
+        if isinstance(ex, LayerwiseExchange) and ex.overlap_probe and not ex.overlap_decided:
+            ex.restart_overlap_probe()
 
     def state_dict(self) -> dict[str, Any]:
         root = _horovod_state_broadcast_root(1)

@@ -34,11 +34,12 @@ def aggregate(rank, comm, overlap, order, steps=4, coding="auto", schedule=(0, 2
                            comm, "allgather", coding, seed=3)
     ex.overlap = overlap
     ex.bucket_cap_mb = cap
-    grads = []
+    grads, started = [], []
     for step in range(steps):
         g = torch.Generator().manual_seed(100 * rank + step)
         for _, p in named:
             p.grad = torch.randn(p.shape, generator=g).to(device)
+        started_before = len(ex._inflight)
         if order == "reverse":
             ready = list(reversed(named))
         elif order == "shuffled":
@@ -48,9 +49,10 @@ def aggregate(rank, comm, overlap, order, steps=4, coding="auto", schedule=(0, 2
             named[-1][1].grad = None
         for _, p in ready:
             ex.grad_ready(p)
+        started.append(len(ex._inflight) - started_before)  # by the hooks, before ex()
         ex()
         grads.append(torch.cat([p.grad.reshape(-1) for _, p in named]).cpu())
-    return grads, comm.stats.collectives, ex.stats.exchanges, len(ex.buckets.buckets)
+    return grads, comm.stats.collectives, ex.stats.exchanges, len(ex.buckets.buckets), started
 
 
 @pytest.mark.parametrize("order", ["reverse", "shuffled", "missing"])
@@ -71,6 +73,12 @@ def test_overlap_gives_the_block_aggregate_bit_for_bit(order, coding, cap):
         assert buckets == {None: 4, 0.0: 7, 0.02: 6}[cap]  # 3 types + raw, split by the cap
         assert block[rank][1] == 6
         assert over[rank][1] == 4 + 2 * buckets
+        # the hooks started buckets on steps 1 and 3 (all of them, or all but the last
+        # parameter's), none on level-update steps and none without overlap
+        started = over[rank][4]
+        assert started[0] == started[2] == 0 and started[1] == started[3] > 0
+        assert started[1] == buckets or order == "missing"
+        assert block[rank][4] == [0, 0, 0, 0]
 
 
 def train_wrapped(rank, comm, overlap, exchange="allgather", steps=5, bpps=1):
@@ -128,6 +136,44 @@ def test_overlap_on_cuda_side_stream_matches_the_cpu_block(cap):
     gpu = run_ranks(2, lambda r, c: aggregate(r, c, True, "reverse", cap=cap, device="cuda"))
     for rank in range(2):
         for a, b in zip(cpu[rank][0], gpu[rank][0]):
+            assert torch.equal(a, b)
+
+
+def train_cuda(rank, comm, overlap, cap=None, steps=4):
+    """A real backward on CUDA (hooks on autograd's device thread), the device held back by a
+    sleep kernel first, so the hooks run far ahead of the gradients they announce: a side stream
+    that did not wait for them would read stale gradients."""
+    import qoda_hvd
+    from qoda_hvd.optim import QODA
+
+    g = torch.Generator().manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 80), nn.ReLU(), nn.Linear(80, 8))
+    with torch.no_grad():  # Linear only: deterministic kernels, so on and off are comparable
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    m = m.cuda()
+    opt = qoda_hvd.DistributedOptimizer(
+        QODA(m.parameters(), lr=0.05), m.named_parameters(),
+        compression=qoda_hvd.Compression.layerwise(bits=4, min_numel=256, schedule=(0,)),
+        communicator=comm, overlap=overlap, bucket_cap_mb=cap)
+    for step in range(steps):
+        x = torch.randn(32, 64, generator=torch.Generator().manual_seed(10 * rank + step)).cuda()
+        opt.zero_grad()
+        loss = m(x).pow(2).mean()
+        torch.cuda._sleep(50_000_000)  # ~ tens of ms of device time before backward's kernels
+        loss.backward()
+        opt.step()
+    return [p.detach().cpu() for p in m.parameters()]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cap", [None, 0.01])
+def test_overlap_on_cuda_waits_for_the_gradients_of_a_real_backward(cap):
+    on = run_ranks(2, lambda r, c: train_cuda(r, c, True, cap))
+    off = run_ranks(2, lambda r, c: train_cuda(r, c, False))
+    for rank in range(2):
+        for a, b in zip(on[rank], off[rank]):
             assert torch.equal(a, b)
 
 
@@ -202,3 +248,80 @@ def test_overlap_probe_keeps_the_faster_mode_over_all_ranks(sums, keep):
         assert measured == pytest.approx({"block_s": (sums[0][0] + sums[1][0]) / 12,
                                           "overlapped_s": (sums[0][1] + sums[1][1]) / 12},
                                          abs=0.01)  # + the last timed call itself
+
+
+def test_a_failing_bucket_start_raises_at_synchronize_and_the_next_round_is_clean(monkeypatch):
+    def run(rank, comm):
+        m = model()
+        typing = classify_parameters(m, min_numel=256)
+        named = list(m.named_parameters())
+        ex = LayerwiseExchange(typing, named, LayerwiseQuantizer(typing, bits=4, schedule=(0,)),
+                               comm, "allgather", "fixed", seed=3)
+        ex.overlap = True
+        real = ex._quantize
+        errors, grads = [], []
+        for step in range(4):
+            g = torch.Generator().manual_seed(100 * rank + step)
+            for _, p in named:
+                p.grad = torch.randn(p.shape, generator=g)
+            if step == 2:  # every rank fails the same bucket, as a NaN gradient would
+                def boom(tid, *a, **k):
+                    if tid == 0:
+                        raise ValueError("tensor contains NaN or Inf values")
+                    return real(tid, *a, **k)
+                ex._quantize = boom
+            for _, p in reversed(named):
+                ex.grad_ready(p)
+            try:
+                ex()
+            except ValueError as e:
+                errors.append((step, str(e)))
+            ex._quantize = real
+            assert not ex._inflight and ex.buckets._remaining == [len(b.params)
+                                                                  for b in ex.buckets.buckets]
+            grads.append(torch.cat([p.grad.reshape(-1) for _, p in named]).clone())
+        return errors, grads
+
+    out = run_ranks(2, run)
+    for rank in range(2):
+        errors, grads = out[rank]
+        assert [s for s, _ in errors] == [2] and "NaN" in errors[0][1]
+        assert torch.equal(grads[3], out[0][1][3])  # step 3 overlapped again, ranks agree
+
+
+def test_overlap_state_says_off_where_overlap_cannot_happen():
+    from qoda_hvd.comm import LocalGroup
+
+    def state(rank, comm, strategy):
+        m = model()
+        typing = classify_parameters(m, min_numel=256)
+        ex = LayerwiseExchange(typing, list(m.named_parameters()),
+                               LayerwiseQuantizer(typing, bits=4), comm, strategy)
+        ex.overlap, ex.overlap_probe = True, True
+        return ex.overlap_state
+
+    assert run_ranks(2, lambda r, c: state(r, c, "allgather")) == ["probing"] * 2
+    assert run_ranks(2, lambda r, c: state(r, c, "scatter_gather")) == ["off"] * 2
+    assert state(0, LocalGroup(1)[0], "allgather") == "off"
+
+
+def test_a_probed_overlap_choice_travels_in_the_state_dict():
+    import qoda_hvd
+    from qoda_hvd.comm import LocalGroup
+
+    def make():
+        m = model()
+        return qoda_hvd.DistributedOptimizer(
+            torch.optim.SGD(m.parameters(), lr=0.1), m.named_parameters(),
+            compression=qoda_hvd.Compression.layerwise(bits=4, min_numel=256, types=m),
+            communicator=LocalGroup(1)[0], overlap=True)
+
+    src = make()
+    ex = src._exchange
+    ex.overlap_probe, ex.overlap_decided, ex.overlap = True, True, False
+    ex.overlap_measured = {"block_s": 1.0, "overlapped_s": 1.2}
+    dst = make()
+    dst._exchange.overlap_probe = True  # as overlap=None sets it with Horovod
+    dst.load_state_dict(src.state_dict())
+    assert dst._exchange.overlap_decided and dst._exchange.overlap is False
+    assert dst._exchange.overlap_measured == {"block_s": 1.0, "overlapped_s": 1.2}
