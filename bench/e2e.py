@@ -10,7 +10,8 @@ every method in turn on the same models (see ``bench/e2e_worker.py`` for what ea
    (Q-GenX style);
 4. ``qoda_allgather`` / ``qoda_scatter_gather``: QODA with layer-wise quantization and entropy
    coding (ours), one exchange per iteration, both exchange strategies; ``qoda_overlap``, the
-   allgather with its buckets started from the gradient hooks (``overlap=True``);
+   allgather with its buckets started from the gradient hooks (``overlap=True``), over Horovod
+   and (``qoda_overlap_mpi``) over mpi4py point to point;
    ``qoda_probed``, the allgather with the default ``overlap=None`` (times both modes in its
    first iterations, keeps the faster); and ``qoda_fallback``, the same with ``fallback=True``
    (measures both paths in its first exchanges, keeps the faster).
@@ -69,6 +70,7 @@ METHOD_LABELS = {
     "eg_global": "(3) EG, global quantizer, 2 exch.",
     "qoda_allgather": "(4) QODA layer-wise, allgather",
     "qoda_overlap": "(4) QODA layer-wise, allgather+overlap",
+    "qoda_overlap_mpi": "(4) QODA allgather+overlap, mpi4py",
     "qoda_probed": "(4) QODA, overlap probed",
     "qoda_scatter_gather": "(4) QODA layer-wise, scatter_gather",
     "qoda_fallback": "(4) QODA, fallback",
@@ -80,7 +82,7 @@ METHOD_LABELS = {
 
 _COMMON = {"bits": 4, "levels": "optimal", "coding": "auto",
            "methods": ["hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather", "qoda_overlap",
-                       "qoda_probed", "qoda_scatter_gather", "qoda_fallback"],
+                       "qoda_overlap_mpi", "qoda_probed", "qoda_scatter_gather", "qoda_fallback"],
            "vi_methods": ["hvd_fp32", "eg_global", "qoda_layerwise"],
            # PowerSGD rows: rank R of the global row, the budget of the layer-wise one, DDP's.
            "lowrank_methods": ["psgd_global", "psgd_layerwise", "ddp_powersgd"], "psgd_rank": 8}
@@ -231,8 +233,8 @@ def goals(runs: list[dict]) -> list[str]:
             res = m["methods"]
             fp32 = res["hvd_fp32"]
             share = (fp32["exchange_s"] or 0.0) / fp32["step_s"]
-            qoda = min((res[k] for k in ("qoda_allgather", "qoda_overlap", "qoda_probed",
-                                         "qoda_scatter_gather")
+            qoda = min((res[k] for k in ("qoda_allgather", "qoda_overlap", "qoda_overlap_mpi",
+                                         "qoda_probed", "qoda_scatter_gather")
                         if k in res),
                        key=lambda r: r["step_s"], default=None)
             if qoda is None:  # --methods without a quantized QODA row
@@ -282,6 +284,11 @@ def goals(runs: list[dict]) -> list[str]:
                 lines.append(f"  {'':<{len(tag)}} overlap: exposed comm {_ms(on['exposed_s'])} vs "
                              f"{_ms(off['exposed_s'])} ms without ({pct}), {speed:.2f}x per "
                              f"iteration ({verdict})")
+            om = res.get("qoda_overlap_mpi")
+            if om is not None and off is not None and om.get("exposed_s") is not None:
+                lines.append(f"  {'':<{len(tag)}} overlap over mpi4py: exposed comm "
+                             f"{_ms(om['exposed_s'])} ms, {off['step_s'] / om['step_s']:.2f}x the "
+                             f"one-block iteration")
             pr = res.get("qoda_probed")
             if pr is not None and off is not None:
                 lines.append(f"  {'':<{len(tag)}} overlap=None (probed) kept it "

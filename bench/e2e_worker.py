@@ -17,6 +17,8 @@ What it measures, per model (a WGAN-GP at CIFAR size and a communication-heavy t
 - ``qoda_allgather`` / ``qoda_scatter_gather``: ``qoda_hvd.DistributedOptimizer(QODA)`` with
   layer-wise quantization (types from the model) and entropy coding, one exchange per iteration;
 - ``qoda_overlap``: allgather with ``overlap=True`` (buckets started from the gradient hooks);
+  ``qoda_overlap_mpi``: the same over ``MPICommunicator`` (mpi4py point to point, progressed from
+  the hooks, no polling thread) instead of Horovod's collectives;
   ``qoda_probed``: allgather with the default ``overlap=None``, which times overlapped and
   one-block iterations over its first 14 eligible steps and keeps the faster (warms up 16
   iterations; its row says which it kept);
@@ -66,7 +68,7 @@ WGAN_EXAMPLE = ROOT / "examples" / "wgan_gp.py"
 
 #: Methods of the per-step comparison, in table order.
 STEP_METHODS = ("hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather", "qoda_overlap",
-                "qoda_probed", "qoda_scatter_gather", "qoda_fallback")
+                "qoda_overlap_mpi", "qoda_probed", "qoda_scatter_gather", "qoda_fallback")
 #: Low-rank methods, reported apart (``"lowrank"``); ``ddp_powersgd`` on the LM only.
 LOWRANK_METHODS = ("psgd_global", "psgd_layerwise", "ddp_powersgd")
 #: Warm-up iterations a method needs before its steady state is timed (the fallback's probe;
@@ -363,15 +365,21 @@ class Method:
         else:
             types = {"*": "feedforward"} if name == "eg_global" else cfg.get("types") or model
             exchange = {"qoda_allgather": "allgather", "qoda_overlap": "allgather",
-                        "qoda_probed": "allgather",
+                        "qoda_overlap_mpi": "allgather", "qoda_probed": "allgather",
                         "qoda_scatter_gather": "scatter_gather"}.get(name, "auto")
+            communicator = None
+            if name == "qoda_overlap_mpi":  # made on every rank in the same order (collective)
+                from qoda_hvd.comm import MPICommunicator
+
+                communicator = MPICommunicator()
             comp = qoda_hvd.Compression.layerwise(bits=bits, levels=levels, coding=cfg["coding"],
                                                   types=types, bandwidth=link_bytes_per_s,
                                                   fallback=name == "qoda_fallback")
             self.opt = qoda_hvd.DistributedOptimizer(base, named_parameters=named,
                                                      compression=comp, exchange=exchange,
                                                      overlap=(None if name == "qoda_probed"
-                                                              else name == "qoda_overlap"),
+                                                              else name.startswith("qoda_overlap")),
+                                                     communicator=communicator,
                                                      bucket_cap_mb=cfg.get("bucket_cap_mb"))
             self.kind = "qoda"
         self.numel = sum(p.numel() for _, p in named if p.requires_grad)

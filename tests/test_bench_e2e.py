@@ -22,7 +22,8 @@ BENCH = ROOT / "bench" / "e2e.py"
 _REASON = emulator_unavailable_reason()
 
 STEP_METHODS = ("compute", "hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather",
-                "qoda_overlap", "qoda_scatter_gather", "qoda_fallback")
+                "qoda_overlap", "qoda_overlap_mpi", "qoda_probed", "qoda_scatter_gather",
+                "qoda_fallback")
 VI_METHODS = ("hvd_fp32", "eg_global", "qoda_layerwise")
 
 
@@ -57,12 +58,16 @@ def test_smoke_run_reports_every_method_with_positive_times_and_bytes(smoke_resu
             assert r["wire_tx_bytes"] > 0, (model, name)
         fp32 = methods["hvd_fp32"]["bytes_sent"]
         assert fp32 == 4 * m["params"]  # ring allreduce at K = 2 moves the whole fp32 gradient
-        for name in ("qoda_allgather", "qoda_overlap", "qoda_scatter_gather"):
+        for name in ("qoda_allgather", "qoda_overlap", "qoda_overlap_mpi", "qoda_probed",
+                     "qoda_scatter_gather"):
             assert methods[name]["bytes_sent"] < fp32, (model, name)
             assert methods[name]["wire_tx_bytes"] < methods["hvd_fp32"]["wire_tx_bytes"], (model, name)
         assert methods["eg_global"]["exchanges_per_iteration"] == 2
         assert methods["qoda_allgather"]["exchanges_per_iteration"] == 1
         assert methods["qoda_scatter_gather"]["strategy"] == "scatter_gather"
+        # overlap=None has decided within its warm-up; overlap=True stays on
+        assert methods["qoda_probed"]["overlap"] in ("on", "off"), model
+        assert methods["qoda_overlap"]["overlap"] == methods["qoda_overlap_mpi"]["overlap"] == "on"
         # The fallback row says what it kept; its timed bytes and bits match that choice.
         fb = methods["qoda_fallback"]
         assert fb["sends"] in ("quantized", "fp32"), model

@@ -149,6 +149,11 @@ class Communicator(abc.ABC):
         handle.done = True
         return out
 
+    def progress(self) -> None:
+        """Let collectives in flight move on (called from the gradient hooks while backward
+        runs). A no-op for backends that progress on their own or run collectives at
+        :meth:`wait`; MPI without a progress thread moves data only inside MPI calls."""
+
     def _allgather_start(self, payload: torch.Tensor, tag: str) -> Any:
         """Backend hook: start the collective, return what finishing it needs (default:
         nothing; it runs in :meth:`_allgather_finish`)."""

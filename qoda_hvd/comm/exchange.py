@@ -519,6 +519,8 @@ class LayerwiseExchange:
         if not (self._overlap_now() and self.comm.size > 1):
             self.buckets.ready(p)  # counted all the same: a bucket may complete later
             return
+        if self._inflight:
+            self.comm.progress()  # (MPI without a progress thread) let the started ones move
         event = None
         if p.is_cuda:  # where this gradient was made (models may use several streams)
             event = torch.cuda.Event()

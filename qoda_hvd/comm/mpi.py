@@ -2,8 +2,20 @@
 
 For jobs launched with ``mpirun`` that use plain MPI rather than Horovod's controller. Each
 collective first exchanges the lengths (a few integers), then the bytes.
+
+:meth:`MPICommunicator.allgather_async` (the overlapped exchange's buckets) is point to point
+on a duplicate of the communicator: the payload's length and then its bytes go to every other
+rank with ``Isend``, matched by a tag derived from the bucket's name, so buckets may start in
+any order on each rank (MPI's nonblocking collectives would have to start in the same order
+everywhere). There is no progress thread: the exchange calls :meth:`MPICommunicator.progress`
+from the gradient hooks, which posts the receives whose lengths have arrived and lets MPI move
+the bytes; between calls the sockets' buffers carry them. Unlike a polling background thread,
+this takes no core from backward.
 """
 from __future__ import annotations
+
+import threading
+import zlib
 
 import numpy as np
 import torch
@@ -14,8 +26,26 @@ from qoda_hvd.comm.base import Communicator
 __all__ = ["MPICommunicator"]
 
 
+class _Transfer:
+    """One allgather in flight: sends of the length and bytes to every peer, receives of each
+    peer's length, then (once known) of its bytes."""
+
+    __slots__ = ("tag", "payload", "sends", "lengths", "length_reqs", "bufs", "recvs")
+
+    def __init__(self, tag: int, payload: np.ndarray, size: int) -> None:
+        self.tag = tag
+        self.payload = payload
+        self.sends: list = []
+        self.lengths = [np.zeros(1, dtype=np.int64) for _ in range(size)]
+        self.length_reqs: dict[int, "MPI.Request"] = {}
+        self.bufs: dict[int, np.ndarray] = {}
+        self.recvs: dict[int, "MPI.Request"] = {}
+
+
 class MPICommunicator(Communicator):
     """Collectives over an mpi4py communicator (default ``MPI.COMM_WORLD``).
+
+    Making one is collective over ``comm`` (it duplicates it for the overlapped buckets).
 
     Example::
 
@@ -26,6 +56,75 @@ class MPICommunicator(Communicator):
     def __init__(self, comm: "MPI.Comm | None" = None) -> None:
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         super().__init__(self.comm.Get_rank(), self.comm.Get_size())
+        # The worker thread starts buckets while the hooks call progress() and synchronize()
+        # waits: MPI calls from several threads (mpi4py asks for MPI_THREAD_MULTIPLE).
+        self.asynchronous = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+        # its own tag space for the overlapped buckets (no clash with the user's traffic);
+        # Dup is collective: every rank of ``comm`` makes its communicator, as with any MPI code
+        self._p2p = self.comm.Dup() if self.asynchronous and self.size > 1 else None
+        self._inflight: dict[int, _Transfer] = {}
+        self._lock = threading.Lock()
+
+    def _tag(self, tag: str) -> int:
+        """The MPI tag of a name, the same on every rank (even: the length, odd: the bytes).
+        The exchange's bucket names ``b<i>`` get distinct tags; other names a CRC-32 (a name
+        colliding with one in flight raises)."""
+        ub = int(self.comm.Get_attr(MPI.TAG_UB) or 32767)
+        half = ub // 2
+        if tag[:1] == "b" and tag[1:].isdigit() and int(tag[1:]) < half // 2:
+            return 2 * int(tag[1:])
+        return 2 * (half // 2 + zlib.crc32(tag.encode()) % (half - half // 2))
+
+    def _allgather_start(self, payload, tag):
+        if self._p2p is None:
+            return None  # runs in wait(), like the base class
+        data = np.ascontiguousarray(payload.numpy())
+        with self._lock:
+            t = self._tag(tag)
+            if t in self._inflight:
+                raise RuntimeError(f"allgather {tag!r} started twice, or its tag collides with "
+                                   "one in flight; wait for it first")
+            x = self._inflight[t] = _Transfer(t, data, self.size)
+            x.lengths[self.rank][0] = data.size
+            for peer in range(self.size):
+                if peer == self.rank:
+                    continue
+                x.sends.append(self._p2p.Isend(x.lengths[self.rank], dest=peer, tag=t))
+                x.sends.append(self._p2p.Isend(data, dest=peer, tag=t + 1))
+                x.length_reqs[peer] = self._p2p.Irecv(x.lengths[peer], source=peer, tag=t)
+            self._post_known(x)
+        return t
+
+    def _post_known(self, x: _Transfer) -> None:
+        """Post the byte receives of the peers whose lengths have arrived (lock held)."""
+        for peer, req in list(x.length_reqs.items()):
+            if req.Test():
+                del x.length_reqs[peer]
+                x.bufs[peer] = np.empty(int(x.lengths[peer][0]), dtype=np.uint8)
+                x.recvs[peer] = self._p2p.Irecv(x.bufs[peer], source=peer, tag=x.tag + 1)
+
+    def progress(self) -> None:
+        with self._lock:
+            for x in self._inflight.values():
+                self._post_known(x)
+                MPI.Request.Testall(x.sends)
+                MPI.Request.Testall(list(x.recvs.values()))
+
+    def _allgather_finish(self, handle):
+        if handle.state is None:
+            return self._allgather(handle.payload)
+        with self._lock:  # from here on only this thread touches it
+            x = self._inflight.pop(handle.state)
+        # Blocking waits outside the lock: a rank may wait here for a bucket its peer has not
+        # started yet, and the peer's start must not wait for a lock this rank holds.
+        for peer, req in x.length_reqs.items():
+            req.Wait()
+            x.bufs[peer] = np.empty(int(x.lengths[peer][0]), dtype=np.uint8)
+            x.recvs[peer] = self._p2p.Irecv(x.bufs[peer], source=peer, tag=x.tag + 1)
+        MPI.Request.Waitall(list(x.recvs.values()))
+        MPI.Request.Waitall(x.sends)
+        x.bufs[self.rank] = x.payload
+        return [torch.from_numpy(x.bufs[r]) for r in range(self.size)]
 
     def _allgather(self, payload):
         send = payload.contiguous().numpy()

@@ -2,6 +2,8 @@
 parameters one block gives, bit for bit, on every rank."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -39,14 +41,14 @@ def batch(rank, step):
     return idx, (idx[:, 0] % 4)
 
 
-def train(hvd, overlap, exchange, steps=6, coding="auto", cap=None):
+def train(hvd, overlap, exchange, steps=6, coding="auto", cap=None, communicator=None):
     model = OddOrder()
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     opt = qoda_hvd.DistributedOptimizer(
         QODA([p for p in model.parameters() if p.requires_grad], lr=0.05),
         [(n, p) for n, p in model.named_parameters() if p.requires_grad],
         compression=qoda_hvd.Compression.layerwise(coding=coding, **LAYERWISE),
-        exchange=exchange, overlap=overlap, bucket_cap_mb=cap)
+        exchange=exchange, overlap=overlap, bucket_cap_mb=cap, communicator=communicator)
     for step in range(steps):
         x, y = batch(hvd.rank(), step)
         opt.zero_grad()
@@ -87,3 +89,22 @@ def test_overlap_on_and_off_give_identical_parameters(multi, exchange, coding, c
         else:  # a bucket closes once it reaches the cap (as DDP's); 4096-coordinate layers
             # are cut in pieces of 1024 (1310 coordinates is the cap)
             assert max(sizes) < 2 * cap * 2 ** 20 / 4 and sizes.count(1024) >= 8
+
+
+@pytest.mark.parametrize("cap", [None, 0.005])
+def test_mpi4py_overlap_point_to_point_gives_the_same_parameters(multi, cap):
+    """mpi4py's communicator overlaps with Isend/Irecv matched by the bucket's tag, progressed
+    from the hooks: the parameters of Horovod's one-block exchange, bit for bit."""
+    if "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        pytest.skip("mpi4py needs an MPI launcher (horovodrun --gloo starts no MPI job)")
+    from qoda_hvd.comm import MPICommunicator
+
+    comm = MPICommunicator()
+    assert comm.asynchronous, "mpi4py asks for MPI_THREAD_MULTIPLE; Open MPI grants it"
+    on, opt_on = train(multi, True, "allgather", cap=cap, communicator=comm)
+    off, _ = train(multi, False, "allgather")
+    for a, b in zip(on.parameters(), off.parameters()):
+        assert torch.equal(a, b)
+    st = opt_on.compression_stats()
+    assert st["overlap"] == "on" and st["rounds"] == 6
+    assert comm.stats.allgathers > 6 and not comm._inflight  # a bucket each, all finished
