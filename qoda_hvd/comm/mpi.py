@@ -7,14 +7,19 @@ collective first exchanges the lengths (a few integers), then the bytes.
 on a duplicate of the communicator: the payload's length and then its bytes go to every other
 rank with ``Isend``, matched by a tag derived from the bucket's name, so buckets may start in
 any order on each rank (MPI's nonblocking collectives would have to start in the same order
-everywhere). There is no progress thread: the exchange calls :meth:`MPICommunicator.progress`
-from the gradient hooks, which posts the receives whose lengths have arrived and lets MPI move
-the bytes; between calls the sockets' buffers carry them. Unlike a polling background thread,
-this takes no core from backward.
+everywhere). MPI moves bytes only inside MPI calls (Open MPI's TCP transport has no progress
+thread of its own), so while transfers are in flight a progress thread calls
+:meth:`MPICommunicator.progress` every ``progress_interval`` seconds and sleeps in between
+(a sleeping poll, not a spinning one: it takes little of the core backward runs on); the
+exchange also calls it from the gradient hooks. ``progress`` posts the receives whose lengths
+have arrived and lets MPI write and read what the sockets take.
 """
 from __future__ import annotations
 
+import atexit
 import threading
+import time
+import weakref
 import zlib
 
 import numpy as np
@@ -53,7 +58,12 @@ class MPICommunicator(Communicator):
         >>> parts = comm.allgather(payload)                # doctest: +SKIP
     """
 
-    def __init__(self, comm: "MPI.Comm | None" = None) -> None:
+    def __init__(self, comm: "MPI.Comm | None" = None, progress_interval: float = 5e-4) -> None:
+        if (isinstance(progress_interval, bool) or not isinstance(progress_interval, (int, float))
+                or not 0 < progress_interval <= 1):
+            raise ValueError(f"progress_interval must be seconds in (0, 1], got "
+                             f"{progress_interval!r}")
+        self.progress_interval = float(progress_interval)
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         super().__init__(self.comm.Get_rank(), self.comm.Get_size())
         # The worker thread starts buckets while the hooks call progress() and synchronize()
@@ -64,6 +74,9 @@ class MPICommunicator(Communicator):
         self._p2p = self.comm.Dup() if self.asynchronous and self.size > 1 else None
         self._inflight: dict[int, _Transfer] = {}
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stopped = False
+        self._progress_thread: "threading.Thread | None" = None
 
     def _tag(self, tag: str) -> int:
         """The MPI tag of a name, the same on every rank (even: the length, odd: the bytes).
@@ -93,7 +106,27 @@ class MPICommunicator(Communicator):
                 x.sends.append(self._p2p.Isend(data, dest=peer, tag=t + 1))
                 x.length_reqs[peer] = self._p2p.Irecv(x.lengths[peer], source=peer, tag=t)
             self._post_known(x)
+            if self._progress_thread is None:
+                self._start_progress_thread()
+            self._wake.notify()
         return t
+
+    def _start_progress_thread(self) -> None:
+        ref = weakref.ref(self)  # the thread must not keep the communicator alive
+        thread = threading.Thread(target=_progress_loop, args=(ref,), daemon=True,
+                                  name="qoda-mpi-progress")
+        self._progress_thread = thread
+        _LIVE.add(self)
+        thread.start()
+
+    def close(self) -> None:
+        """Stop the progress thread (before MPI is finalized; done at exit by itself)."""
+        with self._lock:
+            self._stopped = True
+            self._wake.notify()
+        thread = self._progress_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
 
     def _post_known(self, x: _Transfer) -> None:
         """Post the byte receives of the peers whose lengths have arrived (lock held)."""
@@ -156,3 +189,35 @@ class MPICommunicator(Communicator):
         if tensor.dtype == torch.float16 or tensor.device.type != "cpu":
             return super()._allreduce_sum_(tensor)
         self.comm.Allreduce(MPI.IN_PLACE, tensor.detach().numpy(), op=MPI.SUM)
+
+
+#: Communicators with a progress thread; stopped at exit, before mpi4py finalizes MPI (atexit
+#: runs last-registered first, and mpi4py registered its finalizer when it was imported).
+_LIVE: "weakref.WeakSet[MPICommunicator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_progress_threads() -> None:
+    for comm in list(_LIVE):
+        comm.close()
+
+
+def _progress_loop(ref) -> None:
+    """While transfers are in flight: progress, then sleep ``progress_interval``; otherwise wait
+    to be woken by the next start."""
+    while True:
+        comm = ref()
+        if comm is None:
+            return
+        with comm._lock:
+            if comm._stopped:
+                return
+            busy = bool(comm._inflight)
+            if not busy:  # (at most a second, so a dropped communicator is let go)
+                comm._wake.wait(timeout=1.0)
+            interval = comm.progress_interval
+        if busy:
+            comm.progress()
+        del comm
+        if busy:
+            time.sleep(interval)

@@ -108,3 +108,9 @@ def test_mpi4py_overlap_point_to_point_gives_the_same_parameters(multi, cap):
     st = opt_on.compression_stats()
     assert st["overlap"] == "on" and st["rounds"] == 6
     assert comm.stats.allgathers > 6 and not comm._inflight  # a bucket each, all finished
+    thread = comm._progress_thread
+    assert thread is not None and thread.is_alive()  # sleeping while nothing is in flight
+    comm.close()
+    assert not thread.is_alive()
+    with pytest.raises(ValueError, match="progress_interval must be seconds in"):
+        MPICommunicator(progress_interval=0)  # checked before anything collective
