@@ -23,6 +23,12 @@ unpacked, scaled and added into the fused buffer in place. ``coding="auto"`` wit
 measured on its own collectives (``fixed`` until there is a measurement). Level agreement adds one small allreduce on scheduled
 steps only (see :class:`qoda_hvd.quant.LayerwiseQuantizer`).
 
+With ``overlap`` (allgather only), the fused buffers are cut into buckets
+(:mod:`qoda_hvd.comm.buckets`) whose quantize + encode + allgather start from the gradient hooks
+on a worker thread while backward goes on (:meth:`LayerwiseExchange.grad_ready`); the call then
+waits and decodes them. Still ONE exchange (one round) per call, one collective per bucket, the
+same aggregate bit for bit; ``overlap_probe`` times both modes and keeps the faster.
+
 ``fallback=True``: quantizing and coding take CPU/GPU time, which pays only while the link is
 the bottleneck, and the float32 path has costs of its own (copies, no overlap with backward), so
 the choice is measured, not modelled. Calls 1-3 are timed quantized, calls 5-7 timed sending

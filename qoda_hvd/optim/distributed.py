@@ -341,8 +341,8 @@ class _DistributedOptimizer:
     def _set_overlap(self, on: Optional[bool]) -> None:
         """Start each bucket's collective from the hooks (layer-wise compression only; not with
         ``gradient_predivide_factor``, which scales the gradients at ``synchronize()``).
-        ``None``: with a communicator that runs collectives in the background (Horovod's),
-        measured: overlapped and one-block iterations are timed in turn over the first steps
+        ``None``: with a communicator that runs collectives in the background (Horovod's,
+        mpi4py's), measured: overlapped and one-block iterations are timed in turn over the first steps
         where overlap is possible and every rank keeps the faster (one small allreduce);
         off with communicators that only run collectives at ``synchronize()``."""
         if on is not None and not isinstance(on, bool):
@@ -701,8 +701,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
             Same aggregate, bit for bit; one communication round, one collective per bucket.
             The starts run on a worker thread (on CUDA on a side stream after an event of the
             backward's stream), so the hook returns at once. ``True``: always; ``False``:
-            never. ``None`` (default), with Horovod's communicator: measured, as ``fallback``
-            is: over the first 14 steps where overlap is possible, overlapped and one-block
+            never. ``None`` (default), with Horovod's communicator or mpi4py's: measured, as
+            ``fallback`` is: over the first 14 steps where overlap is possible, overlapped and one-block
             iterations are timed in turn and every rank keeps the faster (ONE small allreduce;
             ``compression_stats()["overlap"]`` says which). Whether overlap pays depends on
             what it hides (wire time behind backward) against what it costs (the codec and the
@@ -735,12 +735,13 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     groups = _check_groups(groups, num_groups)
     base = type(optimizer)
     cls = type(base.__name__, (_DistributedOptimizer, base), {"__module__": __name__})
+    if bucket_cap_mb is not None:
+        from qoda_hvd.comm.buckets import bucket_cap_bytes
+
+        bucket_cap_bytes(bucket_cap_mb)  # TypeError / ValueError now, naming the argument
     wrapped = cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step,
                   op, gradient_predivide_factor, groups, sparse_as_dense, process_set, exchange,
                   communicator)
-    from qoda_hvd.comm.buckets import bucket_cap_bytes
-
-    bucket_cap_bytes(bucket_cap_mb)  # TypeError / ValueError now, naming the argument
     wrapped._bucket_cap_mb = bucket_cap_mb
     wrapped._set_overlap(overlap)
     # Rebuilding from param_groups keeps every per-group hyperparameter; QODA's and
