@@ -118,7 +118,7 @@ class HorovodCommunicator(Communicator):
         communicator spans every rank of the job)."""
         return {"hvd_rank": hvd.rank(), "local_rank": hvd.local_rank(),
                 "local_size": hvd.local_size(), "cross_rank": hvd.cross_rank(),
-                "cross_size": hvd.cross_size(), "homogeneous": bool(hvd.is_homogeneous()),
+                "cross_size": hvd.cross_size(), "homogeneous": bool(_is_homogeneous()),
                 "whole_job": self.size == hvd.size()}
 
     def subgroup(self, groups, name: str) -> Communicator:
@@ -161,6 +161,13 @@ class HorovodCommunicator(Communicator):
         sub = HorovodCommunicator(sets[mine], prefix=f"{self.prefix}.{name}")
         sub.parent_stats = (self.stats, *self.parent_stats)
         return sub
+
+
+def _is_homogeneous() -> bool:
+    # horovod.torch does not re-export it (0.28); its mpi_ops module has it
+    from horovod.torch.mpi_ops import is_homogeneous
+
+    return is_homogeneous()
 
 
 def reduce_op_name(op) -> str:
