@@ -64,7 +64,7 @@ METHODS = {
 }
 
 MODES = {
-    "default": dict(steps=1500, eval_every=100, seeds=[0, 1, 2], batch=32, latent=32, width=32,
+    "default": dict(steps=1000, eval_every=100, seeds=[0, 1, 2], batch=32, latent=32, width=32,
                     n_fake=400, n_real=400, lr_adam=(1e-3, 1e-3), betas=(0.5, 0.9), gp=10.0,
                     coding="rans"),
     "quick": dict(steps=20, eval_every=10, seeds=[0], batch=16, latent=16, width=8,
@@ -387,7 +387,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: tiny players, 20 iterations, one seed (< 60 s)")
-    parser.add_argument("--steps", type=int, help="iterations per run (default 1500)")
+    parser.add_argument("--steps", type=int, help="iterations per run (default 1000)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="NAME",
                         help=f"run only these ({', '.join(METHODS)})")
@@ -489,8 +489,9 @@ def finish(data: dict, out: Path) -> int:
     stem = out.with_suffix("")
     for method in summary:
         run = next(r for r in data["results"] if r["method"] == method)
-        grid = digits.digit_grid(torch.tensor(run["final_images"]), columns=10, scale=3)
-        common.write_png(f"{stem}_grid_{method}.png", grid)
+        if "final_images" in run:  # a report of a finished file has no images left
+            grid = digits.digit_grid(torch.tensor(run["final_images"]), columns=10, scale=3)
+            common.write_png(f"{stem}_grid_{method}.png", grid)
     for r in data["results"]:
         r.pop("final_images", None)
     data["summary"] = summary

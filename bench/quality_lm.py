@@ -460,7 +460,7 @@ def plot(data: dict, path: Path) -> bool:
 
 
 MODES = {
-    "default": dict(steps=600, batch=8, lr=2e-3, eval_batches=32, every=100, seeds=[0, 1, 2],
+    "default": dict(steps=500, batch=8, lr=2e-3, eval_batches=32, every=100, seeds=[0, 1, 2],
                     min_numel=1024, max_train_bytes=8_000_000, max_valid_bytes=1_000_000,
                     model=dict(d=96, heads=4, layers=2, d_ff=384, seq=64)),
     "quick": dict(steps=20, batch=4, lr=2e-3, eval_batches=4, every=10, seeds=[0],
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: a tiny LM, 20 steps, one seed (< 60 s)")
-    parser.add_argument("--steps", type=int, help="training steps per run (default 600)")
+    parser.add_argument("--steps", type=int, help="training steps per run (default 500)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds per point (default 0 1 2)")
     parser.add_argument("--global-ranks", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="PowerSGD ranks R of the global curve (default 1 2 4 8)")
@@ -519,7 +519,12 @@ def main(argv=None) -> int:
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
         data = dict(parts[0])
-        data["results"] = [r for p in parts for r in p["results"]]
+        seen, data["results"] = set(), []
+        for p in parts:  # a (method, seed) run in several files (fp32 in each) counts once
+            for r in p["results"]:
+                if (r["method"], r["seed"]) not in seen:
+                    seen.add((r["method"], r["seed"]))
+                    data["results"].append(r)
         data["merged_from"] = [str(p) for p in args.merge]
         for p in parts[1:]:
             mismatch = {k for k in ("steps", "batch", "lr", "every", "model")
