@@ -116,6 +116,12 @@ class InvalidValues:
         self._where.clear()
 
 
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array -> device tensor without waiting for the device: through pinned memory
+    (a plain ``.to(device)`` from pageable memory synchronizes the stream)."""
+    return torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)
+
+
 def quantize_pack(x: torch.Tensor, table: LevelTable, bucket_size: int, norm: str,
                   key: tuple[int, int], *, base: int = 0, nonfinite: str = "raise",
                   threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -173,9 +179,8 @@ def dequantize_into(packed: np.ndarray, norms: np.ndarray, table: LevelTable, bu
         dev = out.device
         slot = None if invalid is None else invalid.device_slot(dev, label,
                                                                 2 * table.num_levels - 1)
-        bad = gpu.dequantize_into(torch.from_numpy(np.ascontiguousarray(packed)).to(dev),
-                                  torch.from_numpy(np.ascontiguousarray(norms)).to(dev),
-                                  table, bucket_size, out, accumulate=accumulate, bad=slot)
+        bad = gpu.dequantize_into(_to_device(packed, dev), _to_device(norms, dev), table,
+                                  bucket_size, out, accumulate=accumulate, bad=slot)
         return int(bad.item()) if invalid is None else None
     count = cpu.dequantize_into(packed, norms, table, bucket_size, out.numpy(),
                                 accumulate=accumulate, threads=threads)

@@ -131,6 +131,27 @@ except PayloadError as e:
     results["check"] = str(e)
 iv.check()  # started over empty
 results["check_after"] = "no error"
+if device == "cuda":  # a round of decodes through dispatch waits for the GPU only at check()
+    from qoda_hvd.kernels import dispatch
+
+    out = torch.zeros(4096, device=dev)
+    dispatch.dequantize_into(clean, norms, table, 1024, out, accumulate=True, invalid=iv)
+    iv.check()  # warm: tables on the device, pinned blocks, the counters
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for p in (clean, packed, clean):
+            dispatch.dequantize_into(p, norms, table, 1024, out, accumulate=True, invalid=iv,
+                                     label="payload from rank 1, segment of type 0")
+        results["no_sync"] = "no sync"
+    except RuntimeError as e:
+        results["no_sync"] = str(e)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    try:
+        iv.check()
+    except PayloadError as e:
+        results["check_cuda"] = str(e)
 
 # NaN / Inf buckets: the same norms, symbols and decoded NaNs as the CPU kernel's
 for norm in ("l2", "linf"):
@@ -212,6 +233,9 @@ def check_edges(r: dict) -> None:
     assert r["invalid"] == dict(cpu=r["invalid"]["cpu"], gpu=r["invalid"]["cpu"],
                                 dtype="torch.int64", decoded=True), r["invalid"]
     assert r["invalid"]["cpu"] >= 3
+    if "no_sync" in r:  # on a GPU
+        assert r["no_sync"] == "no sync", r["no_sync"]
+        assert r["check_cuda"] == r["check"], r["check_cuda"]
     assert r["check"].startswith("payload from rank 1, segment of type 0: "), r["check"]
     assert r["check"].endswith(f"{r['invalid']['cpu']} packed value(s) outside the alphabet of 7")
     for norm in ("l2", "linf"):
