@@ -51,55 +51,20 @@ import math
 import os
 import subprocess
 import sys
-import sysconfig
 import time
-import zlib
 from pathlib import Path
 from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
 RESULTS = HERE / "results"
 
 
 # ------------------------------------------------------------------------------------ data
-def stdlib_files() -> tuple[Path, list[Path]]:
-    """The standard library's ``.py`` files (no ``site-packages``), sorted."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(f for f in root.rglob("*.py")
-                   if not {"site-packages", "dist-packages", "__pycache__"} & set(f.parts))
-    return root, files
-
-
-def is_validation(relative: str) -> bool:
-    """Held-out files: ``crc32(relative path) % 10 == 0`` (stable across machines)."""
-    return zlib.crc32(relative.encode()) % 10 == 0
-
-
-def load_corpus(max_train: int, max_valid: int):
-    """``(train, valid, description)`` as uint8 tensors, files concatenated in sorted order."""
-    import torch
-
-    root, files = stdlib_files()
-    parts = {True: [], False: []}
-    sizes = {True: 0, False: 0}
-    counts = {True: 0, False: 0}
-    caps = {True: max_valid, False: max_train}
-    for f in files:
-        rel = f.relative_to(root).as_posix()
-        held = is_validation(rel)
-        if sizes[held] >= caps[held]:
-            continue
-        data = f.read_bytes() + b"\n"
-        parts[held].append(data)
-        sizes[held] += len(data)
-        counts[held] += 1
-    as_tensor = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)  # noqa: E731
-    desc = (f"{root} (.py, site-packages excluded): {counts[False]} training files "
-            f"({sizes[False]:,} bytes), {counts[True]} validation files ({sizes[True]:,} bytes), "
-            f"split by crc32(path) % 10 == 0")
-    return as_tensor(parts[False]), as_tensor(parts[True]), desc
+# The standard library's sources, split by file: shared with examples/transformer_lm.py.
+from data import load_stdlib_bytes as load_corpus  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------- model
