@@ -348,3 +348,32 @@ def test_compiled_kernels_widen_n_before_arithmetic(kernel):
     assert uses, ttir[:2000]
     narrow = [u for u in uses if not re.search(r"arith\.extsi %n : i32 to i64", u)]
     assert not narrow, narrow
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("n, bits", [(2**31 // 4 + 3000, 4), (2**31 + 5000, 3)])
+def test_gpu_kernels_at_a_real_size_past_2_31(n, bits):
+    """A whole tensor of ``n`` coordinates on the GPU: its last buckets' bytes, norms and
+    decoded values are the CPU kernels' for those buckets (before the int64 byte count, the
+    4-bit case stored nothing)."""
+    from qoda_hvd.kernels import cpu, gpu, level_table, stream_key
+    from qoda_hvd.quant import uniform_levels
+
+    if torch.cuda.mem_get_info()[0] < 10 * n:
+        pytest.skip(f"needs {10 * n / 2**30:.0f} GiB of free GPU memory")
+    table = level_table(uniform_levels(2 ** (bits - 1)))
+    x = torch.randn(n, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    key = stream_key(1, 0, 3)
+    packed, norms, bad = gpu.quantize_pack(x, table, 1024, "l2", key)
+    assert int(bad) == 0
+    start = (n - 5000) // 1024 * 1024  # the tail, from a bucket (and a byte) boundary
+    tail = x[start:].cpu().numpy()
+    p1, n1, _ = cpu.quantize_pack(tail, table, 1024, "l2", key, base=start)
+    np.testing.assert_array_equal(packed[start * table.width // 8:].cpu().numpy(), p1)
+    np.testing.assert_array_equal(norms[start // 1024:].cpu().numpy(), n1)
+    out = torch.empty_like(x)
+    assert int(gpu.dequantize_into(packed, norms, table, 1024, out, accumulate=False)) == 0
+    o1 = np.zeros(tail.size, np.float32)
+    cpu.dequantize_into(p1, n1, table, 1024, o1, accumulate=False)
+    np.testing.assert_array_equal(out[start:].cpu().numpy(), o1)
