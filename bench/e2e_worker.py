@@ -77,7 +77,8 @@ WGAN_EXAMPLE = ROOT / "examples" / "wgan_gp.py"
 
 #: Methods of the per-step comparison, in table order.
 STEP_METHODS = ("hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather", "qoda_overlap",
-                "qoda_overlap_mpi", "qoda_probed", "qoda_scatter_gather", "qoda_fallback")
+                "qoda_overlap_mpi", "qoda_probed", "qoda_scatter_gather", "qoda_fallback",
+                "qoda_two_level")
 #: Low-rank methods, reported apart (``"lowrank"``); ``ddp_powersgd`` on the LM only.
 LOWRANK_METHODS = ("psgd_global", "psgd_layerwise", "ddp_powersgd")
 #: Warm-up iterations a method needs before its steady state is timed (the fallback's probe;
@@ -379,7 +380,8 @@ class Method:
             types = {"*": "feedforward"} if name == "eg_global" else cfg.get("types") or model
             exchange = {"qoda_allgather": "allgather", "qoda_overlap": "allgather",
                         "qoda_overlap_mpi": "allgather", "qoda_probed": "allgather",
-                        "qoda_scatter_gather": "scatter_gather"}.get(name, "auto")
+                        "qoda_scatter_gather": "scatter_gather",
+                        "qoda_two_level": "hierarchical"}.get(name, "auto")
             communicator = None
             if name == "qoda_overlap_mpi":  # made on every rank in the same order (collective)
                 from qoda_hvd.comm import MPICommunicator
@@ -792,7 +794,9 @@ def main(argv=None) -> int:
     hvd.init()
     link = cfg.get("link_bytes_per_s")
     wire = bool(cfg.get("wire_counters"))
-    result = {"bandwidth": cfg["bandwidth"], "nodes": hvd.size(), "models": {}}
+    # nodes: Horovod's count of nodes (cross_size) with several ranks per node, else ranks
+    result = {"bandwidth": cfg["bandwidth"], "nodes": hvd.cross_size(), "ranks": hvd.size(),
+              "ranks_per_node": hvd.local_size(), "models": {}}
     t0 = time.perf_counter()
     for model_name in cfg["models"]:
         result["models"][model_name] = run_model(model_name, cfg, link, wire)
