@@ -19,6 +19,9 @@ every method in turn on the same models (see ``bench/e2e_worker.py`` for what ea
    ``R`` everywhere, and per-type ranks by L-GreCo's DP under the error budget of rank ``R``;
 6. ``ddp_powersgd`` (LM only): the peer, PyTorch DDP over gloo with torch's own
    ``powerSGD_hook`` at the same rank (error feedback, warm start), same QODA update.
+7. DDP rows (LM only, same gloo group, DDP's default buckets, same QODA update): ``ddp_fp32``
+   (no hook), ``ddp_fp16`` (torch's fp16 hook), ``ddp_qoda_layerwise`` and
+   ``ddp_qoda_powersgd`` (``qoda_hvd.ddp``'s layer-wise hook and per-type PowerSGD hook).
 
 Models: a WGAN-GP with ResNet G/D at CIFAR size (32x32x3; the builders of examples/wgan_gp.py
 when that file provides them, else a labelled stand-in) and a communication-heavy transformer
@@ -78,6 +81,10 @@ METHOD_LABELS = {
     "psgd_global": "(5) QODA PowerSGD, global rank",
     "psgd_layerwise": "(5) QODA PowerSGD, layer-wise ranks",
     "ddp_powersgd": "(6) DDP powerSGD_hook (gloo)",
+    "ddp_fp32": "(7) DDP fp32 allreduce (gloo)",
+    "ddp_fp16": "(7) DDP fp16_compress_hook",
+    "ddp_qoda_layerwise": "(7) DDP + qoda layerwise_hook",
+    "ddp_qoda_powersgd": "(7) DDP + qoda powersgd_hook, per type",
 }
 
 _COMMON = {"bits": 4, "levels": "optimal", "coding": "auto",
@@ -85,7 +92,8 @@ _COMMON = {"bits": 4, "levels": "optimal", "coding": "auto",
                        "qoda_overlap_mpi", "qoda_probed", "qoda_scatter_gather", "qoda_fallback"],
            "vi_methods": ["hvd_fp32", "eg_global", "qoda_layerwise"],
            # PowerSGD rows: rank R of the global row, the budget of the layer-wise one, DDP's.
-           "lowrank_methods": ["psgd_global", "psgd_layerwise", "ddp_powersgd"], "psgd_rank": 8}
+           "lowrank_methods": ["psgd_global", "psgd_layerwise", "ddp_powersgd"], "psgd_rank": 8,
+           "ddp_methods": ["ddp_fp32", "ddp_fp16", "ddp_qoda_layerwise", "ddp_qoda_powersgd"]}
 
 #: Sizes per mode. Full: the WGAN-GP at the paper's width (128 filters, latent 128; 2.2M
 #: parameters with the stand-in; batch 4 per rank to bound CPU time), the LM at 23.1M parameters, the game at d = 2.1M.
@@ -135,6 +143,7 @@ def run_job(nodes: int, bandwidth: str, cfg: dict, tmp: Path) -> dict:
         job_cfg["methods"] = [m for m in cfg["methods"] if m in MANY_NODE_METHODS]
         job_cfg["lowrank_methods"] = [m for m in cfg.get("lowrank_methods", ())
                                       if m in MANY_NODE_LOWRANK]
+        job_cfg["ddp_methods"] = []  # the DDP rows are 2-node comparisons
     tag = f"n{nodes}-{bandwidth}"
     cfg_path, out_path = tmp / f"{tag}.cfg.json", tmp / f"{tag}.out.json"
     cfg_path.write_text(json.dumps(job_cfg))
@@ -178,7 +187,7 @@ def step_table(runs: list[dict], model: str) -> list[str]:
     ranks_lines = []
     for run in runs:
         res = run["models"][model]["methods"]
-        low = run["models"][model].get("lowrank", {})
+        low = {**run["models"][model].get("lowrank", {}), **run["models"][model].get("ddp", {})}
         base = res["hvd_fp32"]["step_s"]
         for name, r in low.items():
             if r.get("ranks"):
@@ -282,6 +291,22 @@ def goals(runs: list[dict]) -> list[str]:
                         if model == "lm" and run["bandwidth"] == "1gbit" else "")
                 lines.append(f"  {'':<{len(tag)}} PowerSGD ({best_p['method']}): "
                              f"{fp32['step_s'] / best_p['step_s']:.2f}x vs (1){peer}{goal}")
+            ddp = m.get("ddp", {})
+            d32, dq = ddp.get("ddp_fp32"), ddp.get("ddp_qoda_layerwise")
+            if d32 and dq:
+                hvd_x = fp32["step_s"] / qoda["step_s"]
+                ddp_x = d32["step_s"] / dq["step_s"]
+                goal = (f" (goal >= the Horovod path's {hvd_x:.2f}x: "
+                        f"{'met' if ddp_x >= hvd_x else 'NOT met'})"
+                        if run["bandwidth"] in ("100mbit", "1gbit") else "")
+                tp = low.get("ddp_powersgd")
+                vs_tp = (f", {tp['step_s'] / dq['step_s']:.2f}x vs (6) torch powerSGD_hook"
+                         if tp else "")
+                dp = ddp.get("ddp_qoda_powersgd")
+                vs_dp = (f"; DDP + qoda powersgd_hook {d32['step_s'] / dp['step_s']:.2f}x vs DDP "
+                         f"fp32" if dp else "")
+                lines.append(f"  {'':<{len(tag)}} DDP + layerwise_hook: {ddp_x:.2f}x vs DDP fp32"
+                             f"{vs_tp}{goal}{vs_dp}")
             on, off = res.get("qoda_overlap"), res.get("qoda_allgather")
             if on is not None and off is not None and on.get("exposed_s") is not None:
                 share = on["exposed_s"] / max(off["exposed_s"], 1e-9)
@@ -364,8 +389,8 @@ def plot(runs: list[dict], path: Path) -> str:
         labels = [r["bandwidth"] for r in sel]
         for j, model in enumerate(models):
             ax = axes[i][j]
-            rows = [{**r["models"][model]["methods"], **r["models"][model].get("lowrank", {})}
-                    for r in sel]
+            rows = [{**r["models"][model]["methods"], **r["models"][model].get("lowrank", {}),
+                     **r["models"][model].get("ddp", {})} for r in sel]
             for name in rows[0]:
                 if not all(name in row for row in rows):
                     continue
@@ -404,6 +429,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-vi", action="store_true", help="skip the time-to-target game")
     parser.add_argument("--psgd-rank", type=int,
                         help="PowerSGD rank R of the low-rank rows (default 8; 0: no such rows)")
+    parser.add_argument("--ddp-methods", nargs="+", metavar="ROW",
+                        choices=("none", "ddp_fp32", "ddp_fp16", "ddp_qoda_layerwise",
+                                 "ddp_qoda_powersgd"),
+                        help="only these DDP rows of the LM (none: no DDP rows)")
     parser.add_argument("--models", nargs="+", choices=("wgan_gp", "lm"),
                         help="only these models (default both)")
     parser.add_argument("--methods", nargs="+", choices=STEP_METHODS[1:],
@@ -449,6 +478,8 @@ def main(argv=None) -> int:
             cfg["psgd_rank"] = args.psgd_rank
     if args.coding:
         cfg["coding"] = args.coding
+    if args.ddp_methods:
+        cfg["ddp_methods"] = [m for m in args.ddp_methods if m != "none"]
     if args.models:
         cfg["models"] = {k: v for k, v in cfg["models"].items() if k in args.models}
     if args.methods:

@@ -38,6 +38,15 @@ rounds as the rows above):
   QODA update. Its bytes are derived from the hook's own element counts (two ring allreduces).
   Not for the WGAN-GP: its gradient penalty needs double backward, which DDP does not support.
 
+DDP rows (LM only, kept apart under ``"ddp"``, same gloo group and links, same QODA update,
+DDP's default 25 MB buckets): ``ddp_fp32`` (no hook: DDP's float32 allreduce), ``ddp_fp16``
+(torch's ``fp16_compress_hook``), ``ddp_qoda_layerwise`` (:func:`qoda_hvd.ddp.layerwise_hook`,
+the same bits, levels and codec policy as the quantized rows above) and ``ddp_qoda_powersgd``
+(:func:`qoda_hvd.ddp.powersgd_hook`, per-type ranks under the budget of rank R, from step 2 as
+torch's row). Bytes: the allreduce rows' are derived (ring); the layer-wise hook's counted
+(its payloads; received = the others' payloads); the PowerSGD hook's derived from its float
+counts (two ring allreduces), as torch's row.
+
 Both quantized methods use the same bits, level family (``optimal``), bucket size and codec
 policy (``coding="auto"`` told the link rate), so they differ only in the typing and in the
 number of exchanges. Each step is timed between barriers; the per-phase times come from
@@ -73,7 +82,11 @@ STEP_METHODS = ("hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather", "qoda_ove
 LOWRANK_METHODS = ("psgd_global", "psgd_layerwise", "ddp_powersgd")
 #: Warm-up iterations a method needs before its steady state is timed (the fallback's probe;
 #: torch's hook allreduces plainly until ``start_powerSGD_iter`` = 2, the least it allows).
-MIN_WARMUP = {"qoda_fallback": 8, "qoda_probed": 16, "ddp_powersgd": 3}
+MIN_WARMUP = {"qoda_fallback": 8, "qoda_probed": 16, "ddp_powersgd": 3,
+              "ddp_qoda_powersgd": 3}
+#: DDP rows (LM only; reported apart, ``"ddp"``): torch's DDP with no hook, its fp16 hook, and
+#: qoda_hvd.ddp's two hooks.
+DDP_METHODS = ("ddp_fp32", "ddp_fp16", "ddp_qoda_layerwise", "ddp_qoda_powersgd")
 #: Methods of the time-to-target comparison.
 VI_METHODS = ("hvd_fp32", "eg_global", "qoda_layerwise")
 
@@ -347,9 +360,9 @@ class Method:
         bits, levels = cfg["bits"], cfg["levels"]
         if name == "compute":
             self.opt, self.kind = base, "plain"
-        elif name == "ddp_powersgd":
+        elif name == "ddp_powersgd" or name in DDP_METHODS:
             self.opt, self.kind = base, "ddp"
-            self.hook_state = model.hook_state  # the DDP wrapper's PowerSGDState
+            self.hook_state = model.hook_state  # the DDP wrapper's hook state (or None)
         elif name.startswith("psgd"):
             comp = qoda_hvd.Compression.powersgd(rank=cfg.get("psgd_rank", 8),
                                                  types=cfg.get("types") or model,
@@ -395,8 +408,19 @@ class Method:
         opt.step()
 
     def phase_times(self) -> dict:
-        if self.kind == "ddp":  # floats the hook sent so far (P + Q + uncompressed)
-            return {"ddp_numel": self.hook_state.total_numel_after_compression}
+        if self.kind == "ddp":
+            st = self.hook_state
+            if st is None:  # DDP's own allreduce, or its fp16 hook
+                return {}
+            if hasattr(st, "total_numel_after_compression"):  # torch's: P + Q + uncompressed
+                return {"ddp_numel": st.total_numel_after_compression}
+            if self.name == "ddp_qoda_powersgd":
+                return {"ddp_numel": st.stats.numel_after}
+            h = st.stats  # the layer-wise hook: its payloads and phases
+            return {"enc_bytes": h.payload_bytes, "coords": h.coordinates,
+                    "qenc": h.quantize_s + h.encode_s, "exch": h.exchange_s, "dec": h.decode_s,
+                    "sent": h.payload_bytes, "recv": h.bytes_received,
+                    "strategy": "ddp layerwise_hook"}
         if self.kind != "qoda":
             return {}
         s = self.opt.compression_stats()
@@ -464,10 +488,19 @@ def summarise(per_rank: list[dict], name: str, numel: int, k: int, compute_s: Op
     if name == "compute":
         out.update(compute_s=step_time, qenc_s=0.0, exchange_s=0.0, decode_s=0.0,
                    bytes_sent=0, bytes_received=0, bytes_source="no communication")
-    elif name == "ddp_powersgd":
+    elif name in ("ddp_fp32", "ddp_fp16"):
+        width = 2 if name == "ddp_fp16" else 4
+        ring = 2 * (k - 1) * numel * width // k
+        out.update(bytes_sent=ring, bytes_received=ring, bytes_source="derived (ring allreduce)",
+                   strategy="ddp allreduce" if width == 4 else "ddp fp16_compress_hook",
+                   bits_per_coordinate=8.0 * width, compute_s=compute_s, qenc_s=0.0,
+                   decode_s=0.0)
+        out["exchange_s"] = None if compute_s is None else max(step_time - compute_s, 0.0)
+    elif name in ("ddp_powersgd", "ddp_qoda_powersgd"):
         floats = med("ddp_numel")  # a plain allreduce on a step would show up here: none timed
         ring = 2 * (k - 1) * 4 * floats / k
-        out.update(bytes_sent=ring, bytes_received=ring, strategy="ddp powerSGD_hook",
+        out.update(bytes_sent=ring, bytes_received=ring,
+                   strategy="ddp powerSGD_hook" if name == "ddp_powersgd" else "ddp powersgd_hook",
                    bytes_source="derived (the hook's element counts, ring allreduces)",
                    bits_per_coordinate=32.0 * floats / numel)
         out["compute_s"] = compute_s
@@ -481,6 +514,13 @@ def summarise(per_rank: list[dict], name: str, numel: int, k: int, compute_s: Op
         out["compute_s"] = compute_s
         out["exchange_s"] = None if compute_s is None else max(step_time - compute_s, 0.0)
         out["qenc_s"] = out["decode_s"] = 0.0
+    elif name == "ddp_qoda_layerwise":
+        # the hook's phases run on its worker while backward goes on: summed per bucket, they
+        # overlap compute, so compute is the compute-only row's
+        out.update(bytes_sent=med("sent"), bytes_received=med("recv"),
+                   bytes_source="counted (the hook's payloads)", strategy="ddp layerwise_hook",
+                   qenc_s=med("qenc"), exchange_s=med("exch"), decode_s=med("dec"),
+                   compute_s=compute_s)
     else:
         out.update(bytes_sent=med("sent"), bytes_received=med("recv"),
                    bytes_source="counted (communicator)")
@@ -528,18 +568,24 @@ def run_model(model_name: str, cfg: dict, link_bytes, wire: bool) -> dict:
     lowrank = [m for m in LOWRANK_METHODS if m in cfg.get("lowrank_methods", ())]
     if model_name != "lm" or ("ddp_powersgd" in lowrank and not _gloo_group(cfg)):
         lowrank = [m for m in lowrank if m != "ddp_powersgd"]
+    ddp_rows = [m for m in DDP_METHODS if m in cfg.get("ddp_methods", ())]
+    if not cfg.get("psgd_rank", 8):
+        ddp_rows = [m for m in ddp_rows if m != "ddp_qoda_powersgd"]
+    if model_name != "lm" or (ddp_rows and not _gloo_group(cfg)):
+        ddp_rows = []
     methods = []
-    for name in names + tuple(lowrank):
+    for name in names + tuple(lowrank) + tuple(ddp_rows):
         model = _seeded(build, 0)
-        if name == "ddp_powersgd":
-            ddp = _ddp_powersgd(model, cfg.get("psgd_rank", 8))
+        if name == "ddp_powersgd" or name in DDP_METHODS:
+            ddp = (_ddp_powersgd(model, cfg.get("psgd_rank", 8)) if name == "ddp_powersgd"
+                   else _ddp_row(model, name, cfg, link_bytes))
             oracle, groups = bind(ddp)
             model = ddp
         else:
             oracle, groups = bind(model)
         methods.append((Method(name, model, groups, cfg, link_bytes, "adaptive", lr), oracle))
     records = time_methods(methods, cfg["warmup"], cfg["steps"], wire)
-    results, low, compute_s = {}, {}, None
+    results, low, ddp_out, compute_s = {}, {}, {}, None
     for (method, _), rec in zip(methods, records):
         per_rank = hvd.allgather_object(rec)
         summary = summarise(per_rank, method.name, method.numel, k, compute_s,
@@ -549,9 +595,12 @@ def run_model(model_name: str, cfg: dict, link_bytes, wire: bool) -> dict:
         if method.kind == "qoda" and method.name.startswith("psgd"):
             summary["ranks"] = dict(method.opt._exchange.ranks)
             summary["psgd_rank"] = cfg.get("psgd_rank", 8)
-        if method.name == "ddp_powersgd":
+        if method.name in ("ddp_powersgd", "ddp_qoda_powersgd"):
             summary["psgd_rank"] = cfg.get("psgd_rank", 8)
-        (low if method.name in LOWRANK_METHODS else results)[method.name] = summary
+        if method.name == "ddp_qoda_powersgd":
+            summary["ranks"] = dict(method.hook_state.ranks)
+        (low if method.name in LOWRANK_METHODS else
+         ddp_out if method.name in DDP_METHODS else results)[method.name] = summary
         if rank == 0:
             print(f"  [{model_name}] {method.name:<20} {summary['step_s'] * 1e3:9.1f} ms/iteration",
                   flush=True)
@@ -560,6 +609,8 @@ def run_model(model_name: str, cfg: dict, link_bytes, wire: bool) -> dict:
            "params": results["compute"]["numel"], "spec": spec, "methods": results}
     if low:
         out["lowrank"] = low
+    if ddp_out:
+        out["ddp"] = ddp_out
     return out
 
 
@@ -638,6 +689,35 @@ def _ddp_powersgd(model: nn.Module, rank: int) -> nn.Module:
                                orthogonalization_epsilon=1e-8,
                                batch_tensors_with_same_shape=True)
     ddp.register_comm_hook(state, psgd.powerSGD_hook)
+    ddp.hook_state = state
+    return ddp
+
+
+def _ddp_row(model: nn.Module, name: str, cfg: dict, link_bytes) -> nn.Module:
+    """``model`` in DDP (gloo, DDP's default buckets) with the row's hook; ``hook_state`` on
+    the wrapper (None for DDP's own allreduce and its fp16 hook)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import qoda_hvd.ddp as qddp
+
+    cap = cfg.get("bucket_cap_mb") or 25.0
+    try:  # the mask buffer is the same everywhere: no per-step buffer broadcast
+        ddp = DDP(model, bucket_cap_mb=cap, forward_sync_buffers=False)
+    except TypeError:  # torch before forward_sync_buffers
+        ddp = DDP(model, bucket_cap_mb=cap, broadcast_buffers=False)
+    state = None
+    if name == "ddp_fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif name == "ddp_qoda_layerwise":
+        state = qddp.LayerwiseHookState(model=model, bits=cfg["bits"], levels=cfg["levels"],
+                                        coding=cfg["coding"], types=cfg.get("types"),
+                                        bandwidth=link_bytes)
+        ddp.register_comm_hook(state, qddp.layerwise_hook)
+    elif name == "ddp_qoda_powersgd":
+        state = qddp.PowerSGDHookState(model=model, rank=cfg.get("psgd_rank", 8),
+                                       layerwise=True, start_iter=2, types=cfg.get("types"))
+        ddp.register_comm_hook(state, qddp.powersgd_hook)
     ddp.hook_state = state
     return ddp
 

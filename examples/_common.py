@@ -299,9 +299,12 @@ class Context:
         return self.rank == 0
 
     def print(self, *parts: Any) -> None:
-        """Print on rank 0 only (flushed, so launchers show it at once)."""
+        """Print on rank 0 only, each line in ONE write, flushed (so launchers show it at once,
+        and another rank's output cannot land inside it: with ``PYTHONUNBUFFERED`` every piece
+        of a ``print`` is a write of its own)."""
         if self.main:
-            print(*parts, flush=True)
+            sys.stdout.write(" ".join(map(str, parts)) + "\n")
+            sys.stdout.flush()
 
     def mean(self, value: float, name: str) -> float:
         """Average of a float over ranks (a collective: every rank must call it)."""

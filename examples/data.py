@@ -1,7 +1,10 @@
-"""Datasets of the examples: CIFAR python-pickle batches, WikiText raw text, synthetic stand-ins.
+"""Datasets of the examples: CIFAR python-pickle batches, WikiText raw text, the Python standard
+library's sources, synthetic stand-ins.
 
 One concept: turning files on disk (or a seed) into tensors. Nothing here downloads: point
-``--data`` at files you already have, or run on the clearly labelled synthetic data.
+``--data`` at files you already have, or use what ships with every install (the standard
+library's sources here; the handwritten digits of ``digits.py``), or the clearly labelled
+synthetic data.
 
 - CIFAR-10 ``cifar-10-batches-py/`` (``data_batch_1`` .. ``data_batch_5``, ``test_batch``) and
   CIFAR-100 ``cifar-100-python/`` (``train``, ``test``): pickled dicts with ``b"data"`` (uint8,
@@ -9,6 +12,11 @@ One concept: turning files on disk (or a seed) into tensors. Nothing here downlo
   ``b"fine_labels"`` (CIFAR-100). No torchvision needed.
 - WikiText-103 raw (``wiki.train.raw``, ``wiki.valid.raw``, ``wiki.test.raw``): plain UTF-8 text;
   tokenised here at character or word level with a vocabulary built from the training text.
+- The standard library's ``.py`` files (``sysconfig``'s ``stdlib`` directory, ``site-packages``
+  excluded): real text on every machine with Python, split by file into training and
+  validation (``crc32(relative path) % 10 == 0`` holds a file out, about 10% of them); as bytes
+  (:func:`load_stdlib_bytes`, the quality benchmark's byte-level LM) or text
+  (:func:`read_stdlib_text`, the LM example's default).
 - Synthetic images (coloured discs and rectangles on a tinted background) and synthetic text
   (sentences from a small random grammar), for runs without data.
 
@@ -20,9 +28,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import sysconfig
+import zlib
 from array import array
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -34,11 +45,15 @@ __all__ = [
     "Vocabulary",
     "build_vocabulary",
     "find_wikitext",
+    "is_validation",
     "load_cifar",
+    "load_stdlib_bytes",
     "random_windows",
     "read_cifar_batch",
+    "read_stdlib_text",
     "read_text",
     "sample_images",
+    "stdlib_files",
     "synthetic_images",
     "synthetic_text",
 ]
@@ -187,7 +202,8 @@ def synthetic_images(n: int, generator: torch.Generator, side: int = 32) -> torc
 
 def sample_images(images: torch.Tensor, batch: int, generator: torch.Generator,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """A minibatch drawn uniformly with replacement, as float in [-1, 1] on ``device``.
+    """A minibatch drawn uniformly with replacement, as float in [-1, 1] on ``device``, from
+    uint8 images (0..255) or float images already in [-1, 1] (the digits of ``digits.py``).
 
     Example::
 
@@ -197,6 +213,8 @@ def sample_images(images: torch.Tensor, batch: int, generator: torch.Generator,
         (torch.Size([4, 3, 32, 32]), True)
     """
     idx = torch.randint(images.shape[0], (batch,), generator=generator)
+    if images.dtype.is_floating_point:
+        return images[idx].to(device=device, dtype=torch.float32)
     return images[idx].to(device=device, dtype=torch.float32).div_(127.5).sub_(1.0)
 
 
@@ -240,6 +258,80 @@ def read_text(path: str, max_chars: Optional[int] = None) -> str:
         raise ValueError(f"max_chars must be >= 1 or None, got {max_chars}")
     with open(path, encoding="utf-8") as f:
         return f.read() if max_chars is None else f.read(max_chars)
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The standard library's ``.py`` files (no ``site-packages``), sorted: ``(root, files)``."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(f for f in root.rglob("*.py")
+                   if not {"site-packages", "dist-packages", "__pycache__"} & set(f.parts))
+    return root, files
+
+
+def is_validation(relative: str) -> bool:
+    """Held-out files: ``crc32(relative path) % 10 == 0`` (stable across machines).
+
+    Example::
+
+        >>> is_validation("json/__init__.py") in (True, False)
+        True
+    """
+    return zlib.crc32(relative.encode()) % 10 == 0
+
+
+def _stdlib_split(max_train: int, max_valid: int) -> tuple[dict, str]:
+    """Files' bytes (each followed by a newline) by split, in sorted order, until each split
+    holds at least its cap; and a description of what was read."""
+    if max_train < 1 or max_valid < 1:
+        raise ValueError(f"max_train and max_valid must be >= 1, got {max_train}, {max_valid}")
+    root, files = stdlib_files()
+    if not files:
+        raise FileNotFoundError(f"no .py files under {root}: this Python ships without its "
+                                "standard library's sources; pass --data")
+    parts: dict = {True: [], False: []}
+    sizes = {True: 0, False: 0}
+    caps = {True: max_valid, False: max_train}
+    for f in files:
+        held = is_validation(f.relative_to(root).as_posix())
+        if sizes[held] >= caps[held]:
+            continue
+        data = f.read_bytes() + b"\n"
+        parts[held].append(data)
+        sizes[held] += len(data)
+    desc = (f"{root} (.py, site-packages excluded): {len(parts[False])} training files "
+            f"({sizes[False]:,} bytes), {len(parts[True])} validation files ({sizes[True]:,} "
+            f"bytes), split by crc32(path) % 10 == 0")
+    return parts, desc
+
+
+def load_stdlib_bytes(max_train: int, max_valid: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The standard library's sources as bytes: ``(train, valid, description)``, uint8 tensors
+    of the files concatenated in sorted order, each split read until it holds at least its cap.
+
+    Example::
+
+        >>> train, valid, _ = load_stdlib_bytes(10_000, 1_000)
+        >>> train.dtype, train.numel() >= 10_000, valid.numel() >= 1_000
+        (torch.uint8, True, True)
+    """
+    parts, desc = _stdlib_split(max_train, max_valid)
+    as_tensor = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)  # noqa: E731
+    return as_tensor(parts[False]), as_tensor(parts[True]), desc
+
+
+def read_stdlib_text(max_train: int, max_valid: int) -> tuple[str, str, str]:
+    """The standard library's sources as text: ``(train, valid, description)``, the files of
+    :func:`load_stdlib_bytes` decoded as UTF-8 (the odd undecodable byte replaced).
+
+    Example::
+
+        >>> train, valid, desc = read_stdlib_text(10_000, 1_000)
+        >>> "def " in train, "validation files" in desc
+        (True, True)
+    """
+    parts, desc = _stdlib_split(max_train, max_valid)
+    text = {k: b"".join(v).decode("utf-8", errors="replace") for k, v in parts.items()}
+    return text[False], text[True], desc
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ Subcommands:
     launch ``mpirun`` / ``horovodrun`` on a multi-node GPU cluster (``qoda_hvd.cluster.launch``).
     emulate run a job on an emulated cluster of bandwidth-shaped network namespaces
            (``qoda_hvd.cluster.emulator``; needs root).
+    plot   ``demo --json`` output and the examples' metrics.csv as a PNG: loss and bytes sent
+           against the step, one line per method (``qoda_hvd.plot``; needs matplotlib).
 """
 from __future__ import annotations
 
@@ -197,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("emulate", add_help=False,
                    help="run a job on emulated nodes behind shaped links (root; "
                         "qoda-hvd emulate --help)")
+    from qoda_hvd.plot import build_parser as plot_parser
+
+    plot_parser(sub.add_parser(
+        "plot", help="plot `demo --json` files and the examples' metrics.csv to a PNG",
+        description="Loss and MB sent against the step, one line per method of a `qoda-hvd "
+                    "demo --json` file or per example metrics.csv (needs matplotlib: the "
+                    "examples extra, which `make setup` installs)."))
     return parser
 
 
@@ -217,6 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return _print_info()
+    if args.command == "plot":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from qoda_hvd.plot import main as plot_main
+
+        return plot_main(args)
     return _demo(args, rest)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import textwrap
 import time
@@ -34,7 +35,8 @@ from torch import nn
 
 from qoda_hvd.config import CODINGS, EXCHANGES
 
-__all__ = ["METHODS", "build_model", "build_parser", "make_batch", "main", "format_table"]
+__all__ = ["METHODS", "build_model", "build_parser", "compile_kernels", "kernels_cached",
+           "make_batch", "main", "format_table"]
 
 #: Held-out samples the final loss is measured on (the same on every rank and for every run).
 EVAL_SAMPLES = 4096
@@ -68,6 +70,90 @@ def make_batch(teacher: nn.Module, batch: int, generator: torch.Generator,
     with torch.no_grad():
         y = teacher(x).argmax(dim=1)
     return x, y
+
+
+def _kernel_dispatchers() -> list:
+    from qoda_hvd.coding import rans
+    from qoda_hvd.kernels import cpu
+
+    # The one-thread kernels (a launched rank's: one codec thread each) and the rans coder.
+    return [cpu._quantize_pack_serial, cpu._dequantize_serial, rans.byte_histogram, rans._encode,
+            rans._decode]
+
+
+def kernels_cached() -> Optional[bool]:
+    """Whether numba's cache holds the CPU codec kernels a demo rank runs, for the kernels'
+    current sources (None when it cannot tell). Without them a rank's first quantized step
+    compiles them (about 15-20 s on 2 busy cores).
+
+    Example::
+
+        >>> kernels_cached() in (True, False, None)
+        True
+    """
+    try:
+        # numba's own check (the index of each kernel, stale when the source changed); internal
+        # API, hence the broad fallback.
+        return all(bool(d._cache._cache_file._load_index()) for d in _kernel_dispatchers())
+    except Exception:
+        return None
+
+
+def compile_kernels() -> str:
+    """Compile the CPU codec kernels a demo rank runs, or load them from numba's cache
+    (``cache=True``: in ``__pycache__`` next to their sources, or ``NUMBA_CACHE_DIR``).
+
+    Two fake ranks in this process (threads over :class:`qoda_hvd.comm.local.LocalGroup`)
+    train the demo's model for 2 steps with one codec thread each, as a launched rank does,
+    through ``rans`` and ``fixed`` coding: every kernel and argument type of a demo step.
+    ``launch/install.sh`` calls it, so a first ``make demo`` does not spend its first step
+    compiling. Seconds when cached.
+
+    Returns:
+        The directories of the kernels' cache, joined by ``os.pathsep`` ("" when numba does
+        not say).
+
+    Example::
+
+        >>> compile_kernels()  # doctest: +SKIP
+        '/src/qoda_hvd/coding/__pycache__:/src/qoda_hvd/kernels/__pycache__'
+    """
+    import threading
+
+    import qoda_hvd
+    from qoda_hvd.comm.local import LocalGroup
+
+    errors: list[BaseException] = []
+
+    def rank(comm, coding: str) -> None:
+        try:
+            torch.manual_seed(0)
+            model = build_model()
+            compression = qoda_hvd.Compression.layerwise(bits=4, coding=coding, types=model,
+                                                         threads=1)
+            opt = qoda_hvd.DistributedOptimizer(qoda_hvd.QODA(model.parameters(), lr=0.1),
+                                                named_parameters=model.named_parameters(),
+                                                compression=compression, communicator=comm)
+            gen = torch.Generator().manual_seed(comm.rank)
+            for _ in range(2):
+                opt.zero_grad()
+                model(torch.randn(64, 32, generator=gen)).square().mean().backward()
+                opt.step()
+        except BaseException as e:  # re-raised below, in the caller's thread
+            errors.append(e)
+
+    for coding in ("rans", "fixed"):
+        threads = [threading.Thread(target=rank, args=(comm, coding)) for comm in LocalGroup(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+    try:
+        return os.pathsep.join(sorted({str(d._cache._cache_path) for d in _kernel_dispatchers()}))
+    except Exception:  # numba's internals moved
+        return ""
 
 
 @dataclass(frozen=True)
@@ -128,6 +214,9 @@ class RunResult:
     bytes_how: str              # how bytes_sent was obtained
     bits: Optional[float] = None  # qoda_hvd: encoded bits per coordinate
     extra: dict = field(default_factory=dict)
+    # Rank 0's curves for `qoda-hvd plot`: step, its training loss, the MB it sent so far
+    # (counted by qoda_hvd, or computed for Horovod's allreduce as in bytes_how).
+    series: dict = field(default_factory=dict)
 
 
 _PHASES = ("time_quantize_s", "time_encode_s", "time_exchange_s", "time_decode_s")
@@ -170,7 +259,9 @@ def run_method(name: str, hvd, args, teacher: nn.Module,
     hvd.barrier()
     wire = args.link is not None  # eth0 is this rank's own link only on the emulated cluster
     wire0 = _wire_tx_bytes() if wire else None
-    times = []
+    times, losses, sent_mb = [], [], []
+    ring_mb = (_ring_allreduce_bytes(sum(p.numel() for p in model.parameters()), size,
+                                     2 if name == "horovod-fp16" else 4) / 1e6)
     bar = tqdm(range(args.steps), disable=rank != 0, unit="step", mininterval=1.0,
                desc=f"{args.run_index}/{args.run_count} {label}", dynamic_ncols=True)
     for _ in bar:
@@ -185,7 +276,11 @@ def run_method(name: str, hvd, args, teacher: nn.Module,
             now = optimizer.compression_stats()
             phases.append([now[k] - last[k] for k in _PHASES])
             last = now
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            sent_mb.append((now["bytes_sent"] - stats0["bytes_sent"]) / 1e6)
+        else:
+            sent_mb.append(ring_mb * len(times))
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     bar.close()
     wire1 = _wire_tx_bytes() if wire else None
     with torch.no_grad():
@@ -221,7 +316,8 @@ def run_method(name: str, hvd, args, teacher: nn.Module,
         ms_per_step=1e3 * max(r["median"] for r in everyone),
         seconds=max(r["total"] for r in everyone), bytes_sent=sent, bytes_how=how, bits=bits,
         extra={"logical_bytes": sum(r["logical"] for r in everyone) / len(everyone),
-               "phases_ms": [r.get("phases_ms") for r in everyone]})
+               "phases_ms": [r.get("phases_ms") for r in everyone]},
+        series={"step": list(range(1, args.steps + 1)), "loss": losses, "mb_sent": sent_mb})
 
 
 def summary_line(result: RunResult, size: int, steps: int) -> str:
@@ -334,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "set by `qoda-hvd demo` on the emulated cluster. It labels the table "
                              "and tells coding='auto' the bandwidth")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write every run's figures to PATH (rank 0)")
+                        help="also write every run's figures and per-step curves to PATH (rank 0); "
+                             "`qoda-hvd plot PATH` draws them")
     parser.add_argument("--unshaped-reason", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -367,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         teacher = build_model()  # the task; its own seed, so --hidden does not change it
     eval_set = make_batch(teacher, EVAL_SAMPLES, torch.Generator().manual_seed(args.seed + 99_991))
     results = []
+    if rank == 0 and any(not METHODS[m].horovod for m in args.methods) and kernels_cached() is False:
+        print("[demo] numba compiles qoda_hvd's CPU codec kernels in the first qoda_hvd step "
+              "(once, about 20 s; then cached; `make setup` does it ahead)", flush=True)
     args.run_count = len(args.methods)
     for i, name in enumerate(args.methods, start=1):
         args.run_index = i

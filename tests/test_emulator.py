@@ -50,6 +50,9 @@ def test_parse_rate(text, bits):
     (lambda: EmulatedCluster(nodes=0), ValueError, r"nodes must be in \[1, 64\], got 0"),
     (lambda: EmulatedCluster(nodes=2.0), TypeError, r"nodes must be an int, got float"),
     (lambda: EmulatedCluster(prefix="x"), ValueError, r"prefix must look like"),
+    (lambda: EmulatedCluster(ranks_per_node=0), ValueError, r"ranks_per_node must be in "
+                                                            r"\[1, 16\], got 0"),
+    (lambda: EmulatedCluster(ranks_per_node="2"), TypeError, r"ranks_per_node must be an int"),
 ])
 def test_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
@@ -64,11 +67,26 @@ def test_burst_covers_a_gso_segment_and_two_ms():
 def test_rsh_agent_runs_the_command_in_the_hosts_namespace():
     table = parse_map("198.18.7.1=ns0,198.18.7.2=ns1")
     assert agent_command(table, ["198.18.7.2", "orted", "-mca", "ess", "env"]) == [
-        "ip", "netns", "exec", "ns1", "sh", "-c", "orted -mca ess env"]
+        "ip", "netns", "exec", "ns1", "unshare", "--uts", "sh", "-c",
+        "hostname ns1 && orted -mca ess env"]
     with pytest.raises(ValueError, match=r"is an emulated node; known nodes: 198.18.7.1, "):
         agent_command(table, ["10.0.0.9", "orted"])
     with pytest.raises(ValueError, match=r"ADDRESS=NAMESPACE"):
         parse_map("198.18.7.1")
+
+
+def test_ranks_per_node_in_the_hostfile_and_mpirun_line(monkeypatch):
+    cluster = EmulatedCluster(nodes=3, ranks_per_node=2, bandwidth=RATE)
+    monkeypatch.setattr(cluster, "_workdir", Path("/nonexistent"))  # no namespaces needed
+    cmd = cluster.mpirun_command(["python", "job.py"])
+    assert cmd[cmd.index("-np") + 1] == "6" and cluster.size == 6
+    assert cmd[cmd.index("btl") + 1] == "tcp,vader,self"  # shared memory inside a node
+    assert cmd[4:6] == ["unshare", "--uts"]  # mpirun's node gets its own host name too
+    with pytest.raises(ValueError, match=r"np must be an int in \[1, 6\] \(2 rank\(s\) per node\)"):
+        cluster.mpirun_command(["python"], np=7)
+    one = EmulatedCluster(nodes=2, bandwidth=RATE)
+    monkeypatch.setattr(one, "_workdir", Path("/nonexistent"))
+    assert one.mpirun_command(["x"])[one.mpirun_command(["x"]).index("btl") + 1] == "tcp,self"
 
 
 def test_refuses_without_root_before_creating_anything(monkeypatch):
@@ -194,6 +212,50 @@ def test_horovod_job_runs_one_rank_per_node(tmp_path):
         goodput = r["bytes_in"] * 8 / r["seconds"]
         # The bytes crossed the shaped link: no faster than the rate (with slack for timing).
         assert goodput <= 1.1 * parse_rate(RATE), r
+    assert _leftovers(prefix) == []
+
+
+@needs_namespaces
+@pytest.mark.timeout(150)
+def test_two_ranks_per_node_are_local_ranks_and_stay_off_the_link(tmp_path):
+    """2 nodes x 2 ranks: Horovod sees local_size 2 and cross_size 2; 4 MiB exchanged inside
+    each node does not cross the node's shaped interface, 4 MiB between nodes does."""
+    script = tmp_path / "local_job.py"
+    script.write_text(
+        "import json, socket, numpy as np, torch, horovod.torch as hvd\n"
+        "torch.set_num_threads(1)\n"
+        "hvd.init()\n"
+        "from mpi4py import MPI\n"
+        "world = MPI.COMM_WORLD\n"
+        "node = world.Split(hvd.cross_rank(), hvd.local_rank())\n"
+        "cross = world.Split(hvd.local_rank(), hvd.cross_rank())\n"
+        "def tx():\n"
+        "    return int(open('/sys/class/net/eth0/statistics/tx_bytes').read())\n"
+        "data = np.full(1 << 20, hvd.rank(), dtype=np.float32)  # 4 MiB\n"
+        "world.Barrier(); t0 = tx()\n"
+        "got = np.empty(2 * data.size, dtype=np.float32); node.Allgather(data, got)\n"
+        "world.Barrier(); t1 = tx()\n"
+        "cross.Allgather(data, got)\n"
+        "world.Barrier(); t2 = tx()\n"
+        "print(json.dumps({'rank': hvd.rank(), 'local_rank': hvd.local_rank(), 'local_size': "
+        "hvd.local_size(), 'cross_rank': hvd.cross_rank(), 'cross_size': hvd.cross_size(), "
+        "'host': socket.gethostname(), 'intra_tx': t1 - t0, 'cross_tx': t2 - t1}), flush=True)\n")
+    with EmulatedCluster(nodes=2, ranks_per_node=2, bandwidth="1gbit") as cluster:
+        prefix = cluster.prefix
+        proc = cluster.run([sys.executable, str(script)], timeout=JOB_TIMEOUT,
+                           capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    ranks = sorted((json.loads(obj) for obj in re.findall(r"\{[^{}]*\}", proc.stdout)),
+                   key=lambda r: r["rank"])
+    print("\n".join(json.dumps(r) for r in ranks))
+    assert [(r["local_rank"], r["local_size"], r["cross_rank"], r["cross_size"]) for r in ranks] \
+        == [(0, 2, 0, 2), (1, 2, 0, 2), (0, 2, 1, 2), (1, 2, 1, 2)]
+    assert ranks[0]["host"] == ranks[1]["host"] != ranks[2]["host"] == ranks[3]["host"]
+    # tx of the node's interface counts both of its ranks: inside the node almost nothing
+    # (control traffic), between nodes each rank's 4 MiB
+    for r in ranks:
+        assert r["intra_tx"] < 256 << 10, r
+        assert r["cross_tx"] >= 0.9 * 2 * (4 << 20), r  # (ranks read tx at slightly different times)
     assert _leftovers(prefix) == []
 
 

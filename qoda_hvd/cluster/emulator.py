@@ -2,7 +2,7 @@
 
 One concept: N virtual nodes, each a network namespace with one interface, all plugged into a
 bridge that lives in its own "switch" namespace, every link shaped in both directions, and
-``mpirun`` set up to start one rank per node. The root namespace is never touched: no interface,
+``mpirun`` set up to start ``ranks_per_node`` ranks per node (default one). The root namespace is never touched: no interface,
 address, route or qdisc is added there, and the only traffic is between namespaces created here.
 
 Topology for ``nodes=2``, run prefix ``qoda-<pid>-<rand>`` (names cannot collide with another
@@ -18,12 +18,20 @@ run: the pid is unique among live processes and the random part guards against r
 - ``delay`` is the one-way latency added between two nodes, half on each hop (so the RTT grows by
   2 x delay), with a ``netem`` qdisc under each ``tbf``. It needs the kernel's ``sch_netem``;
   :func:`netem_available` says whether it is there, and asking for a delay without it raises.
+- Several ranks per node (``ranks_per_node=L``): the ranks of a node share its namespace and
+  its one shaped interface, so only traffic between nodes is shaped, and Horovod's
+  ``local_rank`` / ``local_size`` / ``cross_rank`` / ``cross_size`` come out as on a real
+  cluster of nodes with L GPUs each (Open MPI's shared-memory split follows its daemons).
 - Addresses come from 198.18.0.0/15, the range reserved for benchmarking (RFC 2544), one /24 per
   run; they exist only inside the run's namespaces.
-- ``mpirun`` runs inside node 0's namespace with a hostfile of node addresses (one slot each)
-  and ``--mca plm_rsh_agent`` set to :mod:`qoda_hvd.cluster.rsh_agent`, which starts Open MPI's
+- ``mpirun`` runs inside node 0's namespace with a hostfile of node addresses (``slots`` =
+  ranks per node; ranks fill node 0 first, so ranks ``0..L-1`` share node 0, as ``horovodrun``
+  numbers them) and ``--mca plm_rsh_agent`` set to :mod:`qoda_hvd.cluster.rsh_agent`, which starts Open MPI's
   daemon for address A with ``ip netns exec <namespace of A>``. MPI is pinned to the emulated
-  links: ``--mca btl tcp,self`` (no shared memory across "nodes"), ``btl_tcp_if_include`` and
+  links: ``--mca btl tcp,self`` with one rank per node, ``tcp,vader,self`` with several (Open
+  MPI uses shared memory only between ranks of one daemon, i.e. of one emulated node; ranks
+  of a node that do talk TCP reach their own node's address over the namespace's loopback,
+  unshaped), ``btl_tcp_if_include`` and
   ``oob_tcp_if_include`` set to the run's subnet, and ``--mca btl_tcp_flags send,inplace``
   (without it Open MPI's TCP BTL serialises the two directions of a pairwise exchange and the
   measured bandwidth halves at 4 nodes).
@@ -60,13 +68,16 @@ from typing import Mapping, Sequence
 from qoda_hvd.launcher import rank_environment
 
 __all__ = [
-    "EmulatedCluster", "EmulatedNode", "EmulatorError", "MAX_NODES", "cleanup_stale",
+    "EmulatedCluster", "EmulatedNode", "EmulatorError", "MAX_NODES", "MAX_RANKS_PER_NODE",
+    "cleanup_stale",
     "emulator_unavailable_reason", "main", "netem_available", "parse_delay", "parse_rate",
     "tbf_burst",
 ]
 
 #: Nodes per run: addresses .1 to .MAX_NODES of one /24.
 MAX_NODES = 64
+#: Ranks per emulated node (they share the machine's cores with every other node's).
+MAX_RANKS_PER_NODE = 16
 #: Every namespace this module creates starts with this.
 NAME_PREFIX = "qoda-"
 _PREFIX_RE = re.compile(r"^qoda-(\d+)-[0-9a-f]{4}$")
@@ -297,7 +308,9 @@ class EmulatedCluster:
     """N network namespaces on a bridge, each link shaped to ``bandwidth`` in both directions.
 
     Args:
-        nodes: number of virtual nodes, in [1, :data:`MAX_NODES`]; one MPI rank runs on each.
+        nodes: number of virtual nodes, in [1, :data:`MAX_NODES`].
+        ranks_per_node: MPI ranks on each node (default 1), in [1, :data:`MAX_RANKS_PER_NODE`];
+            they share the node's namespace and shaped link.
         bandwidth: link rate each way, tc style ("50mbit", "1gbit", "10gbit").
         delay: optional one-way latency between two nodes ("1ms"), half on each hop; needs
             the kernel's ``sch_netem`` (raises :class:`EmulatorError` without it).
@@ -316,11 +329,18 @@ class EmulatedCluster:
     """
 
     def __init__(self, nodes: int = 2, bandwidth: str = "1gbit", delay: str | None = None, *,
-                 prefix: str | None = None, mpirun: str = "mpirun") -> None:
+                 ranks_per_node: int = 1, prefix: str | None = None,
+                 mpirun: str = "mpirun") -> None:
         if isinstance(nodes, bool) or not isinstance(nodes, int):
             raise TypeError(f"nodes must be an int, got {type(nodes).__name__}")
         if not 1 <= nodes <= MAX_NODES:
             raise ValueError(f"nodes must be in [1, {MAX_NODES}], got {nodes}")
+        if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int):
+            raise TypeError(f"ranks_per_node must be an int, got {type(ranks_per_node).__name__}")
+        if not 1 <= ranks_per_node <= MAX_RANKS_PER_NODE:
+            raise ValueError(f"ranks_per_node must be in [1, {MAX_RANKS_PER_NODE}], got "
+                             f"{ranks_per_node}")
+        self.ranks_per_node = ranks_per_node
         self.rate_bits = parse_rate(bandwidth)
         self.bandwidth = bandwidth
         self.delay_s = None if delay is None else parse_delay(delay)
@@ -426,7 +446,7 @@ class EmulatedCluster:
     def _write_launch_files(self) -> None:
         assert self._workdir is not None
         (self._workdir / "hostfile").write_text(
-            "".join(f"{n.address} slots=1\n" for n in self.nodes))
+            "".join(f"{n.address} slots={self.ranks_per_node}\n" for n in self.nodes))
         table = ",".join(f"{n.address}={n.namespace}" for n in self.nodes)
         agent = Path(__file__).with_name("rsh_agent.py")
         wrapper = self._workdir / "rsh-agent"
@@ -461,8 +481,13 @@ class EmulatedCluster:
         return self._workdir
 
     @property
+    def size(self) -> int:
+        """Ranks of a job that fills the cluster: nodes x ranks per node."""
+        return len(self.nodes) * self.ranks_per_node
+
+    @property
     def hostfile(self) -> Path:
-        """Open MPI hostfile listing every node's address with one slot."""
+        """Open MPI hostfile listing every node's address with ``ranks_per_node`` slots."""
         return self._require_started() / "hostfile"
 
     @property
@@ -474,24 +499,27 @@ class EmulatedCluster:
         """The command line that runs ``argv`` inside node ``node``'s namespace."""
         if not 0 <= node < len(self.nodes):
             raise ValueError(f"node must be in [0, {len(self.nodes) - 1}], got {node}")
-        return ["ip", "netns", "exec", self.nodes[node].namespace, *argv]
+        ns = self.nodes[node].namespace
+        # its own host name, as the rsh agent gives the other nodes' daemons (see rsh_agent)
+        return ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c",
+                'hostname "$0" && exec "$@"', ns, *argv]
 
     def mpirun_command(self, argv: Sequence[str], *, np: int | None = None,
                        mpi_args: Sequence[str] = ()) -> list[str]:
-        """The full command that runs ``argv`` with one rank per emulated node.
+        """The full command that runs ``argv`` with ``ranks_per_node`` ranks per emulated node.
 
         ``mpirun`` itself runs in node 0's namespace; Open MPI's daemons on the other nodes are
         started through :attr:`rsh_agent`.
 
         Args:
             argv: the per-rank command.
-            np: ranks (default: one per node; at most the number of nodes).
+            np: ranks (default: every slot, nodes x ranks per node; at most that).
             mpi_args: extra ``mpirun`` options, placed before ``argv``.
         """
-        np = len(self.nodes) if np is None else np
-        if isinstance(np, bool) or not isinstance(np, int) or not 1 <= np <= len(self.nodes):
-            raise ValueError(f"np must be an int in [1, {len(self.nodes)}] (one rank per node), "
-                             f"got {np!r}")
+        np = self.size if np is None else np
+        if isinstance(np, bool) or not isinstance(np, int) or not 1 <= np <= self.size:
+            raise ValueError(f"np must be an int in [1, {self.size}] ({self.ranks_per_node} "
+                             f"rank(s) per node), got {np!r}")
         if not argv:
             raise ValueError("argv must name the command each rank runs, got an empty list")
         # mpi_yield_when_idle: the emulated nodes share this machine's cores, which Open MPI
@@ -500,7 +528,8 @@ class EmulatedCluster:
         # the codec's time from the training thread beside it (measured, 1 core per rank). It
         # is what Open MPI sets by itself on an oversubscribed node.
         mca = [("plm_rsh_agent", str(self.rsh_agent)), ("plm_rsh_no_tree_spawn", "1"),
-               ("btl", "tcp,self"), ("btl_tcp_if_include", self.subnet),
+               ("btl", "tcp,self" if self.ranks_per_node == 1 else "tcp,vader,self"),
+               ("btl_tcp_if_include", self.subnet),
                ("oob_tcp_if_include", self.subnet), ("btl_tcp_flags", "send,inplace"),
                ("mpi_yield_when_idle", "1")]
         mpi_args = list(mpi_args)
@@ -532,7 +561,7 @@ class EmulatedCluster:
         Args:
             argv: per-rank command.
             timeout: seconds before the job is killed and ``subprocess.TimeoutExpired`` raised.
-            np: ranks (default one per node).
+            np: ranks (default every slot).
             mpi_args: extra ``mpirun`` options.
             env: environment base (default ``os.environ``).
             **popen_kwargs: for :class:`subprocess.Popen` (``capture_output=True``, ``text``,
@@ -561,7 +590,9 @@ class EmulatedCluster:
     def describe(self) -> str:
         """One line saying what was built."""
         delay = f", +{self.delay} one-way latency" if self.delay else ", no added latency"
-        return (f"{len(self.nodes)} emulated nodes on {self.subnet} (namespaces "
+        per_node = (f" x {self.ranks_per_node} ranks (shared memory inside a node)"
+                    if self.ranks_per_node > 1 else "")
+        return (f"{len(self.nodes)} emulated nodes{per_node} on {self.subnet} (namespaces "
                 f"{self.prefix}-n0..n{len(self.nodes) - 1}, switch {self.switch_namespace}), "
                 f"links {self.bandwidth} each way (tbf burst {tbf_burst(self.rate_bits)} B){delay}")
 
@@ -593,28 +624,34 @@ def _raise_on_signal(signum, frame) -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "qoda-hvd emulate") -> int:
     """``qoda-hvd emulate`` / ``launch/emulate-cluster``: run a command on an emulated cluster.
 
-    Builds the cluster, runs ``mpirun`` with one rank per node, tears everything down on any
+    Builds the cluster, runs ``mpirun`` with ``--ranks-per-node`` ranks per node (default 1), tears everything down on any
     exit (job failure, timeout, Ctrl-C, SIGTERM, SIGHUP) and returns the job's exit code
     (124 on timeout).
 
     Example::
 
         qoda-hvd emulate --nodes 2 --bandwidth 1gbit -- python -m qoda_hvd.cluster.bandwidth
+        qoda-hvd emulate --nodes 2 --ranks-per-node 2 -- python -c "import horovod.torch as h; h.init(); print(h.local_size(), h.cross_size())"
     """
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog=prog, description="Run an MPI/Horovod job with one rank per emulated node: network "
-                               "namespaces on a bridge, every link shaped to --bandwidth in both "
-                               "directions. Needs root. Options before '--', the per-rank "
-                               "command after it.")
+        prog=prog, description="Run an MPI/Horovod job on emulated nodes (--ranks-per-node ranks "
+                               "each): network namespaces on a bridge, every link shaped to "
+                               "--bandwidth in both directions; ranks of one node share its "
+                               "namespace and talk at full speed. Needs root. Options before "
+                               "'--', the per-rank command after it.")
     parser.add_argument("--nodes", type=int, default=2, help=f"nodes, 1 to {MAX_NODES} "
                                                             f"(default 2)")
     parser.add_argument("--bandwidth", default="1gbit",
                         help="link rate each way, tc style: 100mbit, 1gbit, 10gbit (default 1gbit)")
     parser.add_argument("--delay", default=None,
                         help="one-way latency between two nodes, e.g. 1ms (needs sch_netem)")
-    parser.add_argument("--np", type=int, default=None, help="ranks (default: one per node)")
+    parser.add_argument("--ranks-per-node", type=int, default=1,
+                        help=f"ranks on each node, 1 to {MAX_RANKS_PER_NODE} (default 1); Horovod "
+                             f"sees them as local ranks of one node")
+    parser.add_argument("--np", type=int, default=None,
+                        help="ranks (default: nodes x ranks per node)")
     parser.add_argument("--timeout", type=float, default=3600,
                         help="seconds before the job is killed (default 3600)")
     parser.add_argument("--mpi-args", default="", help="extra mpirun arguments (one string)")
@@ -656,7 +693,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "qoda-hvd emulate") -> i
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_on_signal)
     try:
-        cluster = EmulatedCluster(args.nodes, args.bandwidth, args.delay, prefix=args.prefix)
+        cluster = EmulatedCluster(args.nodes, args.bandwidth, args.delay,
+                                  ranks_per_node=args.ranks_per_node, prefix=args.prefix)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
     try:

@@ -2,8 +2,11 @@
 
 Open MPI starts its remote daemons by running ``<agent> <host> <command...>``, the way it would
 run ``ssh <host> <command...>``. This agent looks ``<host>`` up in the address -> namespace map
-it was given and runs the command there with ``ip netns exec <namespace> sh -c "<command>"``,
-joining the words with spaces exactly as ssh does for its remote shell. The environment passes
+it was given and runs the command there with ``ip netns exec <namespace> unshare --uts sh -c
+"hostname <namespace> && <command>"``, joining the words with spaces exactly as ssh does for
+its remote shell. The node's own host name (a UTS namespace per daemon) is what lets Open MPI
+and PMIx tell the emulated nodes apart: with the machine's one name they merged ranks of
+different nodes into one shared-memory group. The environment passes
 through unchanged (all "nodes" share one machine), so ranks see what ``mpirun`` saw.
 
 It is a standalone script (standard library only, no ``qoda_hvd`` import) so that starting it
@@ -55,15 +58,18 @@ def agent_command(table: dict[str, str], argv: Sequence[str]) -> list[str]:
 
     Example::
 
-        >>> agent_command({"10.0.0.2": "ns1"}, ["10.0.0.2", "orted", "-mca", "x", "1"])
-        ['ip', 'netns', 'exec', 'ns1', 'sh', '-c', 'orted -mca x 1']
+        >>> agent_command({"10.0.0.2": "ns1"}, ["10.0.0.2", "orted", "-mca", "x", "1"])[4:]
+        ['unshare', '--uts', 'sh', '-c', 'hostname ns1 && orted -mca x 1']
     """
     for i, word in enumerate(argv):
         if word in table:
             words = list(argv[i + 1:])
             if not words:
                 raise ValueError(f"no command to run on {word}")
-            return ["ip", "netns", "exec", table[word], "sh", "-c", " ".join(words)]
+            # its own UTS namespace named after the node: Open MPI (PMIx) tells nodes apart by
+            # host name, and ranks of two emulated nodes must not look like one node's
+            return ["ip", "netns", "exec", table[word], "unshare", "--uts", "sh", "-c",
+                    f"hostname {table[word]} && " + " ".join(words)]
     raise ValueError(f"none of {list(argv)[:3]} is an emulated node; known nodes: "
                      f"{', '.join(sorted(table))}")
 

@@ -7,6 +7,15 @@
   ``Compression.none`` / ``fp16`` and of ``fallback``).
 - :meth:`Communicator.allgather_async` / :meth:`Communicator.wait`: an allgather started while
   backward still runs (the overlapped exchange), finished at ``synchronize()``.
+- :meth:`Communicator.reduce_scatter_sum`: chunk ``j`` of every rank summed on rank ``j``
+  (float32 inside a node, the first stage of the two-level exchange); by default over
+  :meth:`alltoall`, natively where the backend has one (Horovod's ``reducescatter``).
+- :meth:`Communicator.agree`: a small set-up allgather (the topology every rank must share),
+  counted apart from the per-step collectives.
+
+A communicator made for a subset of another's ranks (the node-local and cross-node groups of
+:mod:`qoda_hvd.comm.topology`) also adds what it counts to its parent's :class:`CommStats`, so
+the parent's totals stay the whole traffic while each group's own stats say where it went.
 
 Byte counts are logical: what the algorithm must move per rank, independent of how the backend
 routes it (ring, tree, shared memory). ``bytes_received`` is what bounds the time on a link.
@@ -19,7 +28,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["AllgatherHandle", "CommStats", "Communicator", "check_payload"]
+__all__ = ["AllgatherHandle", "CommStats", "Communicator", "check_payload", "as_bytes",
+           "from_bytes"]
 
 _REDUCIBLE = (torch.float16, torch.float32, torch.float64)
 
@@ -30,9 +40,10 @@ class CommStats:
 
     Attributes:
         collectives: collective calls (a Horovod grouped op counts once).
-        allgathers, alltoalls, allreduces: per kind.
+        allgathers, alltoalls, allreduces, reducescatters: per kind.
         bytes_sent: logical bytes this rank sent.
         bytes_received: logical bytes this rank received from other ranks.
+        setup_collectives: set-up calls (:meth:`Communicator.agree`), not in ``collectives``.
     """
 
     collectives: int = 0
@@ -41,6 +52,8 @@ class CommStats:
     allreduces: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    reducescatters: int = 0
+    setup_collectives: int = 0
 
     def reset(self) -> None:
         for f in fields(self):
@@ -57,6 +70,35 @@ def check_payload(payload: torch.Tensor, what: str = "payload") -> None:
     if payload.dtype != torch.uint8 or payload.dim() != 1:
         raise TypeError(f"{what} must be a 1-D torch.uint8 tensor, got {payload.dtype} with "
                         f"shape {tuple(payload.shape)}")
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a 1-D uint8 view (no copy when already contiguous): how
+    float32 shards travel through the uint8 collectives.
+
+    Example::
+
+        >>> as_bytes(torch.ones(2)).numel()
+        8
+    """
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def from_bytes(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`as_bytes`: a 1-D ``dtype`` view of uint8 bytes (copied only when
+    the bytes do not start at a multiple of the item size).
+
+    Example::
+
+        >>> from_bytes(as_bytes(torch.tensor([1.5, 2.0])), torch.float32).tolist()
+        [1.5, 2.0]
+    """
+    item = torch.empty(0, dtype=dtype).element_size()
+    if data.numel() % item:
+        raise ValueError(f"{data.numel()} bytes are not a whole number of {dtype} values")
+    if data.storage_offset() % item:
+        data = data.clone()
+    return data.view(dtype)
 
 
 class AllgatherHandle:
@@ -101,15 +143,43 @@ class Communicator(abc.ABC):
         self.rank = rank
         self.size = size
         self.stats = CommStats()
+        #: Further stats every count is added to (a sub-group's parent's).
+        self.parent_stats: tuple[CommStats, ...] = ()
+
+    def _count(self, kind: str, sent: int, received: int) -> None:
+        for st in (self.stats, *self.parent_stats):
+            if kind == "setup_collectives":
+                st.setup_collectives += 1
+            else:
+                st.collectives += 1
+                setattr(st, kind, getattr(st, kind) + 1)
+            st.bytes_sent += sent
+            st.bytes_received += received
 
     def allgather(self, payload: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's 1-D uint8 payload, in rank order (this rank's included)."""
         check_payload(payload)
         out = self._allgather(payload)
-        self.stats.collectives += 1
-        self.stats.allgathers += 1
-        self.stats.bytes_sent += payload.numel() * (self.size - 1)
-        self.stats.bytes_received += sum(p.numel() for i, p in enumerate(out) if i != self.rank)
+        self._count("allgathers", payload.numel() * (self.size - 1),
+                    sum(p.numel() for i, p in enumerate(out) if i != self.rank))
+        return out
+
+    def agree(self, payload: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`allgather` for set-up (what every rank must know before the first step, e.g.
+        its node): the same collective, counted in ``stats.setup_collectives`` and the bytes,
+        not in the per-step ``collectives``.
+
+        Example::
+
+            >>> from qoda_hvd.comm import LocalGroup
+            >>> comm = LocalGroup(1)[0]
+            >>> comm.agree(torch.tensor([7], dtype=torch.uint8))[0].tolist(), comm.stats.collectives
+            ([7], 0)
+        """
+        check_payload(payload)
+        out = self._allgather(payload)
+        self._count("setup_collectives", payload.numel() * (self.size - 1),
+                    sum(p.numel() for i, p in enumerate(out) if i != self.rank))
         return out
 
     def alltoall(self, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -119,10 +189,45 @@ class Communicator(abc.ABC):
         for j, c in enumerate(chunks):
             check_payload(c, f"chunks[{j}]")
         out = self._alltoall(list(chunks))
-        self.stats.collectives += 1
-        self.stats.alltoalls += 1
-        self.stats.bytes_sent += sum(c.numel() for j, c in enumerate(chunks) if j != self.rank)
-        self.stats.bytes_received += sum(c.numel() for i, c in enumerate(out) if i != self.rank)
+        self._count("alltoalls", sum(c.numel() for j, c in enumerate(chunks) if j != self.rank),
+                    sum(c.numel() for i, c in enumerate(out) if i != self.rank))
+        return out
+
+    def reduce_scatter_sum(self, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Send ``chunks[j]`` to rank ``j``; return the sum, over ranks, of what they sent here.
+
+        Every rank passes ``size`` 1-D float tensors of one dtype whose lengths are the same on
+        every rank (chunk ``j`` has the same length everywhere). The sum runs in rank order, so
+        it depends only on the inputs. By default over :meth:`alltoall` (the bytes of each
+        chunk); backends with a native reduce-scatter override :meth:`_reduce_scatter_sum`.
+
+        Example::
+
+            >>> from qoda_hvd.comm import LocalGroup
+            >>> LocalGroup(1)[0].reduce_scatter_sum([torch.tensor([1.0, 2.0])]).tolist()
+            [1.0, 2.0]
+        """
+        chunks = list(chunks)
+        if len(chunks) != self.size:
+            raise ValueError(f"reduce_scatter_sum needs one chunk per rank ({self.size}), got "
+                             f"{len(chunks)}")
+        dtypes = {getattr(c, "dtype", None) for c in chunks}
+        if len(dtypes) != 1 or dtypes.pop() not in _REDUCIBLE or any(c.dim() != 1 for c in chunks):
+            raise TypeError("reduce_scatter_sum takes 1-D float16, float32 or float64 tensors of "
+                            f"one dtype, got {[(c.dtype, tuple(c.shape)) for c in chunks]}")
+        out = self._reduce_scatter_sum(chunks)
+        mine = chunks[self.rank].numel() * chunks[self.rank].element_size()
+        self._count("reducescatters",
+                    sum(c.numel() * c.element_size() for j, c in enumerate(chunks) if j != self.rank),
+                    mine * (self.size - 1))
+        return out
+
+    def _reduce_scatter_sum(self, chunks: list[torch.Tensor]) -> torch.Tensor:
+        dtype = chunks[0].dtype
+        received = self._alltoall([as_bytes(c) for c in chunks])
+        out = from_bytes(received[0], dtype).clone()
+        for part in received[1:]:
+            out.add_(from_bytes(part, dtype))
         return out
 
     def allgather_async(self, payload: torch.Tensor, tag: str) -> "AllgatherHandle":
@@ -142,10 +247,8 @@ class Communicator(abc.ABC):
         if handle.done is not None:
             raise RuntimeError(f"allgather {handle.tag!r} was already waited for")
         out = self._allgather_finish(handle)
-        self.stats.collectives += 1
-        self.stats.allgathers += 1
-        self.stats.bytes_sent += handle.payload.numel() * (self.size - 1)
-        self.stats.bytes_received += sum(p.numel() for i, p in enumerate(out) if i != self.rank)
+        self._count("allgathers", handle.payload.numel() * (self.size - 1),
+                    sum(p.numel() for i, p in enumerate(out) if i != self.rank))
         handle.done = True
         return out
 
@@ -187,11 +290,9 @@ class Communicator(abc.ABC):
         return tensor
 
     def _count_allreduce(self, tensor: torch.Tensor) -> None:
-        self.stats.collectives += 1
-        self.stats.allreduces += 1
         nbytes = tensor.numel() * tensor.element_size()
-        self.stats.bytes_sent += 2 * (self.size - 1) * nbytes // max(self.size, 1)
-        self.stats.bytes_received += 2 * (self.size - 1) * nbytes // max(self.size, 1)
+        ring = 2 * (self.size - 1) * nbytes // max(self.size, 1)
+        self._count("allreduces", ring, ring)
 
     def _allreduce_sum_(self, tensor: torch.Tensor) -> None:
         """In place; backends with a native in-place allreduce override this copy."""

@@ -3,13 +3,25 @@
 - allgather: ONE ``hvd.grouped_allgather([payload, length])`` (payload lengths differ by rank);
   ``allgather_async``: the same through ``hvd.grouped_allgather_async``, named by its tag;
 - alltoall: ONE ``hvd.alltoall(cat(chunks), splits)``;
-- allreduce_sum: ``hvd.allreduce(op=hvd.Sum)``.
+- allreduce_sum: ``hvd.allreduce(op=hvd.Sum)``;
+- reduce_scatter_sum: ONE ``hvd.reducescatter(op=hvd.Sum)`` of the chunks stacked as rows
+  (padded to the longest; the two-level exchange's node-local stage).
+
+Node-local and cross-node groups (:func:`qoda_hvd.comm.topology.node_communicators`):
+:meth:`HorovodCommunicator.node_info` gives Horovod's own node numbers, and
+:meth:`HorovodCommunicator.subgroup` a communicator per group: a Horovod process set when one
+with exactly those ranks is registered (``hvd.init(process_sets=[...])``) or can be added
+(dynamic process sets: ``hvd.init(process_sets="dynamic")`` or
+``HOROVOD_DYNAMIC_PROCESS_SETS=1``), else a group over this set's ``alltoall`` with zero-length
+splits outside the group (:class:`qoda_hvd.comm.topology.SubsetCommunicator`), which needs
+nothing at ``hvd.init``.
 
 And the few Horovod facts :func:`qoda_hvd.DistributedOptimizer` needs: whether this rank is in
 a process set, Horovod's own compressors, and ``broadcast_object`` for the exchange's state.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import horovod.torch as hvd
@@ -86,6 +98,77 @@ class HorovodCommunicator(Communicator):
     def _allreduce_sum_(self, tensor):
         hvd.allreduce_(tensor, op=hvd.Sum, name=f"{self.prefix}.allreduce",
                        process_set=self.process_set)
+
+    def _reduce_scatter_sum(self, chunks):
+        width = max(c.numel() for c in chunks)
+        if width == 0:
+            return chunks[self.rank].clone()
+        if all(c.numel() == width for c in chunks):
+            rows = torch.stack(chunks)
+        else:  # Horovod splits the first dimension evenly: pad every chunk to the longest
+            rows = chunks[0].new_zeros(self.size, width)
+            for j, c in enumerate(chunks):
+                rows[j, :c.numel()] = c
+        out = hvd.reducescatter(rows, op=hvd.Sum, name=f"{self.prefix}.reducescatter",
+                                process_set=self.process_set)
+        return out.reshape(-1)[:chunks[self.rank].numel()]
+
+    def node_info(self) -> dict:
+        """Horovod's view of this rank's node: ``hvd_rank``, ``local_rank``, ``local_size``,
+        ``cross_rank``, ``cross_size``, ``homogeneous`` and ``whole_job`` (whether this
+        communicator spans every rank of the job)."""
+        return {"hvd_rank": hvd.rank(), "local_rank": hvd.local_rank(),
+                "local_size": hvd.local_size(), "cross_rank": hvd.cross_rank(),
+                "cross_size": hvd.cross_size(), "homogeneous": bool(_is_homogeneous()),
+                "whole_job": self.size == hvd.size()}
+
+    def subgroup(self, groups, name: str) -> Communicator:
+        """This rank's communicator in a partition of this set's ranks into ``groups``.
+
+        Collective: every rank calls it with the same ``groups`` (ranks of this communicator).
+        Process sets when every group has one (registered, or added now with dynamic process
+        sets), else :class:`~qoda_hvd.comm.topology.SubsetCommunicator`; the choice depends only
+        on state every rank shares, so all ranks make the same one.
+
+        Args:
+            groups: lists of this communicator's ranks, each rank in exactly one.
+            name: the groups' name in the collectives' names (``"node"``, ``"cross"``).
+        """
+        from horovod.common import process_sets as hvd_ps
+
+        from qoda_hvd.comm.topology import SubsetCommunicator
+
+        base = self.process_set.ranks or list(range(hvd.size()))
+        wanted = [sorted(base[r] for r in g) for g in groups]
+        mine = next(i for i, g in enumerate(groups) if self.rank in g)
+        registered = {tuple(sorted(r)): i for i, r in
+                      hvd_ps._basics._get_process_set_ids_and_ranks().items()}
+
+        def known(ranks: list[int]):
+            ps = hvd.ProcessSet(ranks)
+            ps.process_set_id = registered[tuple(ranks)]
+            return ps
+
+        sets = None
+        if all(tuple(w) in registered for w in wanted):
+            sets = [known(w) for w in wanted]
+        elif os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS", "0") not in ("", "0"):
+            # the same adds in the same order on every rank, as Horovod requires
+            sets = [known(w) if tuple(w) in registered else hvd.add_process_set(w)
+                    for w in wanted]
+        if sets is None:
+            return SubsetCommunicator(self, list(groups[mine]))
+        # (a process set orders its ranks by global rank: every member sees the same order)
+        sub = HorovodCommunicator(sets[mine], prefix=f"{self.prefix}.{name}")
+        sub.parent_stats = (self.stats, *self.parent_stats)
+        return sub
+
+
+def _is_homogeneous() -> bool:
+    # horovod.torch does not re-export it (0.28); its mpi_ops module has it
+    from horovod.torch.mpi_ops import is_homogeneous
+
+    return is_homogeneous()
 
 
 def reduce_op_name(op) -> str:

@@ -18,6 +18,13 @@ compressed steps after, each rank measures the approximation error of every unit
 or layer) at every candidate rank on its own input, the ``units x candidates`` tables are
 summed in ONE small allreduce (those steps only), and every rank runs the same L-GreCo DP on
 the same sums: the same ranks everywhere, no rank decides alone.
+
+What the errors are measured on (``error_window``, see :data:`ERROR_WINDOWS`): ``"step"``
+(default) the decision step's own input; ``"accumulated"`` (L-GreCo's recipe) the inputs summed
+over the period since the last decision, so persistent directions weigh more than one step's
+noise (one matrix-sized buffer and one ``_foreach_add_`` per step); ``"sum"`` each step's
+errors measured and summed over the period (the measurement on every step: costly, for
+comparison). Every window agrees in the same one small allreduce on the decision steps.
 """
 from __future__ import annotations
 
@@ -33,9 +40,11 @@ from qoda_hvd.config import PowerSGDConfig
 from qoda_hvd.lowrank import LowRankCore, MatrixSpec, candidate_ranks, lgreco_dp, mix_seed
 from qoda_hvd.quant import LayerTyping
 
-__all__ = ["PowerSGDExchange", "make_powersgd_exchange", "powersgd_typing"]
+__all__ = ["ERROR_WINDOWS", "PowerSGDExchange", "make_powersgd_exchange", "powersgd_typing"]
 
 _STATE_VERSION = 1
+#: What the layer-wise DP measures its errors on (module doc).
+ERROR_WINDOWS = ("step", "accumulated", "sum")
 
 
 def _worker() -> str:
@@ -56,6 +65,8 @@ class PowerSGDExchange:
         config: a validated :class:`~qoda_hvd.config.PowerSGDConfig`.
         typing: parameter name -> layer type; ``uncompressed`` names travel as float32.
         average: divide the sum by K (``op=Average``) or not (``op=Sum``).
+        error_window: what the DP's errors are measured on, one of :data:`ERROR_WINDOWS`
+            (default: ``config.error_window`` when the config has one, else ``"step"``).
 
     Attributes:
         stats: :class:`~qoda_hvd.comm.exchange.ExchangeStats` (``exchanges`` = rounds;
@@ -82,9 +93,16 @@ class PowerSGDExchange:
     strategy = "powersgd"
 
     def __init__(self, named_parameters, communicator: Communicator, config: PowerSGDConfig,
-                 typing: LayerTyping, average: bool = True) -> None:
+                 typing: LayerTyping, average: bool = True,
+                 error_window: Optional[str] = None) -> None:
         if not isinstance(config, PowerSGDConfig):
             raise TypeError(f"config must be a PowerSGDConfig, got {type(config).__name__}")
+        if error_window is None:
+            error_window = getattr(config, "error_window", "step")
+        if error_window not in ERROR_WINDOWS:
+            raise ValueError(f"error_window must be one of {', '.join(ERROR_WINDOWS)}, got "
+                             f"{error_window!r}")
+        self.error_window = error_window
         self.named = list(named_parameters)
         self.comm = communicator
         self.config = config
@@ -115,6 +133,22 @@ class PowerSGDExchange:
         self.candidates = (candidate_ranks(config.rank, *config.rank_range)
                            if config.layerwise else [config.rank])
         self.core = self._build([config.rank] * len(unit_names))
+        # The DP's measurement window (layer-wise only): the inputs summed since the last
+        # decision ("accumulated", one flat buffer in parameter order, independent of the
+        # layout), or the per-step tables summed ("sum").
+        windowed = config.layerwise and error_window != "step" and bool(specs)
+        self._window_acc = torch.zeros(sum(int(np.prod(sp.shape)) for sp in specs)
+                                       if windowed and error_window == "accumulated" else 0,
+                                       dtype=torch.float32, device=self.device)
+        self._window_views: dict[str, torch.Tensor] = {}
+        offset = 0
+        for sp in specs if self._window_acc.numel() else ():
+            k = int(np.prod(sp.shape))
+            self._window_views[sp.name] = self._window_acc[offset:offset + k].view(sp.shape)
+            offset += k
+        self._window_names = list(self._window_views)
+        self._window_tables: Optional[np.ndarray] = None  # "sum": errors and energy so far
+        self._window_sizes: Optional[np.ndarray] = None
 
     # -- layout ------------------------------------------------------------------------
 
@@ -165,9 +199,11 @@ class PowerSGDExchange:
         if self._dst:
             torch._foreach_copy_(self._dst, [p.grad for p in self._src_params])
         core.add_error()
-        if self.config.layerwise and self._due():
-            self._agree_ranks()
-            core = self.core
+        if self.config.layerwise:
+            self._measure_window()
+            if self._due():
+                self._agree_ranks()
+                core = self.core
         core.start(self.step)
         t1 = time.perf_counter()
         if core.send_p.numel():
@@ -197,14 +233,37 @@ class PowerSGDExchange:
         every = self.config.every
         return self._deferred or since == 0 or (every > 0 and since % every == 0)
 
+    def _tables(self, inputs=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.core.unit_tables(self.candidates, len(self.unit_names),
+                                     seed=mix_seed(self.config.seed, self.step), inputs=inputs)
+
+    def _measure_window(self) -> None:
+        """Add this step's input (or its error table) to the window of the next decision."""
+        if self.error_window == "accumulated" and self._window_names:
+            views = self.core.views
+            torch._foreach_add_([self._window_views[n] for n in self._window_names],
+                                [views[n] for n in self._window_names])
+        elif self.error_window == "sum" and self.unit_names:
+            errors, self._window_sizes, energy = self._tables()
+            table = np.concatenate([errors.reshape(-1), energy])
+            self._window_tables = table if self._window_tables is None else self._window_tables + table
+
     def _agree_ranks(self) -> None:
         """L-GreCo: ONE allreduce of the error tables, then the same DP on every rank."""
         units = len(self.unit_names)
         if units == 0:
             return
-        errors, sizes, energy = self.core.unit_tables(self.candidates, units,
-                                                      seed=mix_seed(self.config.seed, self.step))
-        table = np.concatenate([errors.reshape(-1), energy])
+        if self.error_window == "accumulated" and self._window_names:
+            errors, sizes, energy = self._tables(self._window_views)
+            self._window_acc.zero_()
+            table = np.concatenate([errors.reshape(-1), energy])
+        elif self.error_window == "sum" and self._window_tables is not None:
+            table, sizes = self._window_tables, self._window_sizes
+            errors = np.empty(sizes.shape)  # the shape; the values are in the table
+            self._window_tables = None
+        else:
+            errors, sizes, energy = self._tables()
+            table = np.concatenate([errors.reshape(-1), energy])
         total = self.comm.allreduce_sum(torch.from_numpy(table)).numpy()
         self.collectives += 1
         errors, energy = total[:errors.size].reshape(errors.shape), total[errors.size:]
@@ -242,7 +301,33 @@ class PowerSGDExchange:
                 "q_ready": self.core.q_ready, "deferred": self._deferred,
                 "rank_updates": self.rank_updates,
                 "errors": {k: v.cpu() for k, v in ms["errors"].items()},
-                "q": {k: v.cpu() for k, v in ms["q"].items()}}
+                "q": {k: v.cpu() for k, v in ms["q"].items()},
+                "window": self._window_state()}
+
+    def _window_state(self) -> Optional[dict]:
+        """This rank's own measurement window (``error_window`` other than ``"step"``)."""
+        if self.error_window == "accumulated" and self._window_names:
+            return {"kind": "accumulated",
+                    "inputs": {n: v.detach().cpu().clone() for n, v in self._window_views.items()}}
+        if self.error_window == "sum":
+            return {"kind": "sum",
+                    "tables": None if self._window_tables is None else self._window_tables.copy(),
+                    "sizes": None if self._window_sizes is None else self._window_sizes.copy()}
+        return None
+
+    def _load_window_state(self, window: Optional[dict]) -> None:
+        if self._window_acc.numel():
+            self._window_acc.zero_()
+        self._window_tables = self._window_sizes = None
+        if not isinstance(window, dict) or window.get("kind") != self.error_window:
+            return
+        if self.error_window == "accumulated":
+            for name, v in window.get("inputs", {}).items():
+                if name in self._window_views:
+                    self._window_views[name].copy_(v.reshape(self._window_views[name].shape))
+        elif self.error_window == "sum" and window.get("tables") is not None:
+            self._window_tables = np.array(window["tables"], dtype=np.float64)
+            self._window_sizes = np.array(window["sizes"], dtype=np.float64)
 
     def load_extra_state(self, state: dict) -> None:
         """Restore :meth:`extra_state` (same parameters and configuration).
@@ -263,6 +348,8 @@ class PowerSGDExchange:
                              f"{len(self.unit_names)} ({', '.join(self.unit_names)})")
         own = state.get("worker") == _worker() or state.get("rank") == self.comm.rank
         errors = state["errors"] if own else self.core.matrix_state()["errors"]
+        # The measurement window is each rank's own inputs, as the errors are.
+        window = state.get("window") if own else self._window_state()
         self.step = int(state["step"])
         self._deferred = bool(state.get("deferred", False))
         self.rank_updates = int(state.get("rank_updates", 0))
@@ -271,6 +358,7 @@ class PowerSGDExchange:
         self.core.load_matrix_state({"errors": {k: v.to(dev) for k, v in errors.items()},
                                      "q": {k: v.to(dev) for k, v in state["q"].items()}},
                                     self.step, bool(state["q_ready"]))
+        self._load_window_state(window)
 
 
 class _AutoTypedPowerSGD:
@@ -341,8 +429,10 @@ def powersgd_typing(config: PowerSGDConfig, named) -> LayerTyping:
 
 
 def make_powersgd_exchange(config: PowerSGDConfig, named_parameters, communicator: Communicator,
-                           average: bool = True):
+                           average: bool = True, error_window: Optional[str] = None):
     """The exchange for :meth:`qoda_hvd.compression.LowRankCompressor.make_exchange`.
+
+    ``error_window`` is :class:`PowerSGDExchange`'s (default: the config's, else ``"step"``).
 
     Example::
 
@@ -359,7 +449,7 @@ def make_powersgd_exchange(config: PowerSGDConfig, named_parameters, communicato
                         f"{type(communicator).__name__}")
 
     def build(typing: LayerTyping) -> PowerSGDExchange:
-        return PowerSGDExchange(named, communicator, config, typing, average)
+        return PowerSGDExchange(named, communicator, config, typing, average, error_window)
 
     if config.types == "auto":
         return _AutoTypedPowerSGD(named, communicator, build, config.min_numel)

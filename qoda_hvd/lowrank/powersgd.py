@@ -211,12 +211,20 @@ class LowRankCore:
 
     # -- L-GreCo measurement -------------------------------------------------------------
 
-    def unit_tables(self, candidates: Sequence[int], num_units: int, seed: int = 0
+    def unit_tables(self, candidates: Sequence[int], num_units: int, seed: int = 0,
+                    inputs: Optional[Mapping[str, torch.Tensor]] = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Errors and sizes of every unit at every candidate rank, from the current inputs.
 
         Call after :meth:`add_error` (the inputs then hold gradient plus error). A matrix that
         would travel uncompressed at a candidate rank counts ``n m`` floats and no error.
+
+        Args:
+            candidates: candidate ranks.
+            num_units: units of the DP (``spec.unit < num_units``).
+            seed: seed of the randomised spectrum measurement.
+            inputs: ``name -> tensor`` (parameter-shaped) to measure instead of this step's
+                inputs, e.g. inputs summed over several steps; every matrix must be there.
 
         Returns:
             ``(errors, sizes, energy)``: float64 ``(num_units, len(candidates))`` errors
@@ -230,7 +238,8 @@ class LowRankCore:
         for i, spec in enumerate(self.matrices):
             by_shape.setdefault((spec.rows, spec.cols), []).append(i)
         for si, ((n, m), members) in enumerate(by_shape.items()):
-            stack = torch.stack([self.views[self.matrices[i].name].reshape(n, m) for i in members])
+            source = self.views if inputs is None else inputs
+            stack = torch.stack([source[self.matrices[i].name].reshape(n, m) for i in members])
             errs = spectrum_errors(stack, candidates, seed=mix_seed(seed, si)).numpy()
             norms = stack.double().square().sum(dim=(1, 2)).cpu().numpy()
             for j, i in enumerate(members):  # matrices x candidates, on DP steps only

@@ -68,3 +68,41 @@ def test_dead_rank_breaks_barrier_instead_of_hanging():
 def test_group_size_validated():
     with pytest.raises(ValueError, match=r"size must be an integer >= 1, got 0"):
         LocalGroup(0)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_reduce_scatter_sum_uneven_chunks_and_counts(size):
+    lengths = [j + 1 for j in range(size)]  # chunk j has j + 1 values on every rank
+
+    def fn(r, c):
+        chunks = [torch.full((n,), float(10 * r + j)) for j, n in enumerate(lengths)]
+        return c.reduce_scatter_sum(chunks), c.stats
+
+    for r, (out, st) in enumerate(run_ranks(size, fn)):
+        assert out.tolist() == [float(sum(10 * i + r for i in range(size)))] * lengths[r]
+        assert (st.collectives, st.reducescatters) == (1, 1)
+        assert st.bytes_sent == 4 * sum(n for j, n in enumerate(lengths) if j != r)
+        assert st.bytes_received == 4 * lengths[r] * (size - 1)
+
+
+def test_reduce_scatter_sum_bad_input():
+    with pytest.raises(ValueError, match=r"one chunk per rank \(1\), got 2"):
+        LocalGroup(1)[0].reduce_scatter_sum([torch.zeros(1), torch.zeros(1)])
+    with pytest.raises(TypeError, match=r"1-D float16, float32 or float64 tensors of one dtype"):
+        LocalGroup(1)[0].reduce_scatter_sum([torch.zeros(1, dtype=torch.int32)])
+
+
+def test_agree_is_a_setup_collective():
+    out = run_ranks(2, lambda r, c: (c.agree(payload(r, 3)), c.stats))
+    for r, (parts, st) in enumerate(out):
+        assert [p.tolist() for p in parts] == [[0] * 3, [1] * 3]
+        assert (st.collectives, st.setup_collectives, st.bytes_sent) == (0, 1, 3)
+
+
+def test_fake_nodes_are_validated():
+    assert LocalGroup(4, ranks_per_node=2)[3].node_of == (0, 0, 1, 1)
+    assert LocalGroup(3, node_of=[7, 7, 2])[0].node_of == (0, 0, 1)
+    with pytest.raises(ValueError, match=r"ranks_per_node or node_of, not both"):
+        LocalGroup(2, ranks_per_node=1, node_of=[0, 1])
+    with pytest.raises(ValueError, match=r"node_of must give a node number >= 0 for each of the 2"):
+        LocalGroup(2, node_of=[0])

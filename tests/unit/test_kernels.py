@@ -174,3 +174,26 @@ def test_zero_and_tiny_buckets_quantize_to_zero():
     x[1024:] = 1e-38
     packed, norms, bad = cpu.quantize_pack(x, table, 1024, "l2", stream_key(0, 0, 0))
     assert bad == 0 and (unpack(packed, x.size, table) == 0).all()
+
+
+def test_invalid_values_gathered_over_a_round_and_checked_once():
+    from qoda_hvd import PayloadError
+    from qoda_hvd.kernels.dispatch import InvalidValues
+
+    table = level_table(uniform_levels(4))  # 7 values in 3 bits: value 7 is invalid
+    x = torch.randn(64)
+    packed, norms = quantize_pack(x, table, 64, "l2", stream_key(0, 0, 0))
+    bad = packed.copy()
+    bad[0] = 0xFF
+    iv = InvalidValues()
+    out = torch.zeros(64)
+    assert dequantize_into(packed, norms, table, 64, out, accumulate=False, invalid=iv,
+                           label="payload from rank 0, segment of type 0") is None
+    iv.check()  # nothing invalid: no error, and the record is gone
+    for rank, p in enumerate((packed, bad, bad)):
+        dequantize_into(p, norms, table, 64, out, accumulate=True, invalid=iv,
+                        label=f"payload from rank {rank}, segment of type 0")
+    with pytest.raises(PayloadError, match=r"^payload from rank 1, segment of type 0: [2-9] "
+                                           r"packed value\(s\) outside the alphabet of 7$"):
+        iv.check()
+    iv.check()  # started over empty after raising

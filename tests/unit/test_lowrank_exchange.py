@@ -328,3 +328,96 @@ def test_the_same_worker_keeps_its_errors_under_a_new_rank():
     again.load_extra_state(saved)
     got = again.extra_state()
     assert all(torch.equal(got["errors"][k], saved["errors"][k]) for k in saved["errors"])
+
+
+# ------------------------------------------------------------------ the DP's measurement window
+class Windowed:
+    """``Compression.powersgd(**kw)`` whose exchange measures the DP's errors on ``window``."""
+
+    def __init__(self, window, **kw):
+        self.config = qoda_hvd.Compression.powersgd(**kw).config
+        self.window = window
+
+    def make_exchange(self, named, comm, average=True):
+        from qoda_hvd.comm.lowrank import make_powersgd_exchange
+
+        return make_powersgd_exchange(self.config, named, comm, average, error_window=self.window)
+
+
+@pytest.mark.parametrize("window", ["accumulated", "sum"])
+def test_error_windows_agree_once_per_decision_bit_identical(window):
+    comp = Windowed(window, layerwise=True, granularity="layer", every=3, **PSGD)
+
+    def work(r, c):
+        model, _, ex = train(r, c, 7, comp)
+        return [p.detach().clone() for p in model.parameters()], ex
+
+    out = run_ranks(3, work)
+    for params, ex in out[1:]:
+        assert ex.ranks == out[0][1].ranks
+        for a, b in zip(out[0][0], params):
+            assert torch.equal(a, b)
+    ex = out[0][1]
+    assert ex.error_window == window and ex.rank_updates == 3  # steps 0, 3, 6
+    assert ex.collectives == 2 * 7 + 3  # the same collectives as the one-step window
+
+
+def test_accumulated_window_holds_the_inputs_summed_since_the_last_decision():
+    comp = Windowed("accumulated", layerwise=True, granularity="layer", every=3, **PSGD)
+    model = make_model()
+    ex = comp.make_exchange(list(model.named_parameters()), LocalGroup(1)[0], True)
+    names = list(ex._window_views)
+    expected = {n: torch.zeros_like(ex._window_views[n]) for n in names}
+    for step in range(3):  # decision at step 0 (window reset), then steps 1 and 2 summed
+        x, y = batch(0, step)
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        errors = ex.core.matrix_state()["errors"]
+        params = dict(model.named_parameters())
+        inputs = {n: params[n].grad + (errors[n].reshape(params[n].shape) if n in errors else 0.0)
+                  for n in names}
+        ex()
+        if step > 0:
+            for n in names:
+                expected[n] += inputs[n]
+    assert names and ex.rank_updates == 1
+    for n in names:
+        torch.testing.assert_close(ex._window_views[n], expected[n], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", ["accumulated", "sum"])
+def test_checkpoint_resume_with_a_window_repeats_the_uninterrupted_run(window):
+    comp = Windowed(window, layerwise=True, every=3, **PSGD)
+
+    def straight(r, c):
+        model, _, _ = train(r, c, 8, comp)
+        return [p.detach().clone() for p in model.parameters()]
+
+    def resumed(r, c):
+        model, opt, ex = train(r, c, 5, comp)  # the window holds step 4 (decision at 3)
+        saved = {"model": model.state_dict(), "opt": opt.state_dict(), "ex": ex.extra_state()}
+        assert saved["ex"]["window"]["kind"] == window
+        saved = torch.serialization.pickle.loads(torch.serialization.pickle.dumps(saved))
+        model2 = make_model(seed=1)
+        model2.load_state_dict(saved["model"])
+        opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+        opt2.load_state_dict(saved["opt"])
+        ex2 = comp.make_exchange(list(model2.named_parameters()), c, True)
+        ex2.load_extra_state(saved["ex"])
+        train(r, c, 3, comp, model2, opt2, ex2, first=5)  # decision at 6 reads the window
+        return [p.detach().clone() for p in model2.parameters()], ex2.ranks
+
+    ref = run_ranks(2, straight)
+    got = run_ranks(2, resumed)
+    for a, b in zip(ref[0], got[0][0]):
+        assert torch.equal(a, b)
+
+
+def test_a_bad_error_window_is_named():
+    from qoda_hvd.comm.lowrank import make_powersgd_exchange
+
+    model = make_model()
+    with pytest.raises(ValueError, match="error_window must be one of step, accumulated, sum, got 'week'"):
+        make_powersgd_exchange(qoda_hvd.Compression.powersgd(**PSGD).config,
+                               list(model.named_parameters()), LocalGroup(1)[0], True,
+                               error_window="week")
