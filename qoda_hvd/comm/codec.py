@@ -7,6 +7,11 @@ payload back, unpacking, scaling and adding it into output slices in one kernel 
 no communicator: the strategies (:mod:`qoda_hvd.comm.strategies`,
 :mod:`qoda_hvd.comm.hierarchical`) and the DDP hooks move its payloads.
 
+Decoding checks every packed value against the alphabet; the counts are gathered over a round
+and checked once (:meth:`LayerwiseCodec.check_decoded`), so a GPU decode never waits for the
+device. The payloads themselves are host bytes: the entropy coder runs on the CPU, so on CUDA
+the packed symbols and norms (not the gradient) cross to the host and back.
+
 The rounding noise is a function of ``(seed, rank, step, phase)`` and the coordinate's index in
 the fused gradient, so a slice quantized alone draws exactly what the whole buffer would, and a
 run resumed at step ``t`` draws what the uninterrupted run drew.
@@ -23,7 +28,7 @@ from qoda_hvd.coding import PackedSegment, RawSegment, decode, encode
 from qoda_hvd.comm.link import LinkModel
 from qoda_hvd.errors import PayloadError
 from qoda_hvd.kernels import LevelTable, level_table, stream_key
-from qoda_hvd.kernels.dispatch import dequantize_into, quantize_pack
+from qoda_hvd.kernels.dispatch import InvalidValues, dequantize_into, quantize_pack
 from qoda_hvd.quant import LayerwiseQuantizer
 
 __all__ = ["LayerwiseCodec", "add_scaled"]
@@ -72,6 +77,7 @@ class LayerwiseCodec:
         >>> payload = codec.encode([seg], None)
         >>> out = torch.zeros(2048)
         >>> codec.decode_into(payload, sender=0, outs=[out], raw_out=None, accumulate=False)
+        >>> codec.check_decoded()                # once per round: invalid symbols raise here
         >>> payload.numel() < 2048 * 4 / 6      # about 4 bits a coordinate, not 32
         True
         >>> bool((out.sign() * g.sign() >= 0).all())   # levels keep the sign
@@ -92,6 +98,9 @@ class LayerwiseCodec:
         # the noise counter of each type's first coordinate
         self.type_offsets = np.cumsum([0, *type_sizes[:-1]]).tolist() if type_sizes else []
         self._tables: dict[bytes, LevelTable] = {}
+        #: Invalid packed values found by this round's decodes, checked once per round
+        #: (:meth:`check_decoded`): on CUDA the counts stay on the device, no sync per decode.
+        self.invalid = InvalidValues()
 
     def table(self, levels) -> LevelTable:
         """The kernels' table of ``levels`` (ours or a peer's), made once per distinct levels."""
@@ -169,9 +178,12 @@ class LayerwiseCodec:
                                f"{mine.bucket_size if mine else 'a type of this model'}")
         table = self.table(mine.levels if levels is None else levels)
         norms = seg.norms if scale == 1.0 else seg.norms * np.float32(scale)
-        bad = dequantize_into(seg.packed, norms, table, seg.bucket_size, out,
-                              accumulate=accumulate, threads=self.threads)
-        if bad:
-            raise PayloadError(f"payload from rank {sender}, segment of type {seg.type_id}: "
-                               f"{bad} packed value(s) outside the alphabet of "
-                               f"{2 * seg.num_levels - 1}")
+        dequantize_into(seg.packed, norms, table, seg.bucket_size, out, accumulate=accumulate,
+                        threads=self.threads, invalid=self.invalid,
+                        label=f"payload from rank {sender}, segment of type {seg.type_id}")
+
+    def check_decoded(self) -> None:
+        """Raise :class:`~qoda_hvd.errors.PayloadError` if a decode since the last check met
+        packed values outside the alphabet (once per round: one device read on CUDA); then
+        start over."""
+        self.invalid.check()

@@ -309,6 +309,7 @@ class LayerwiseExchange:
                 self._send_quantized()
         finally:  # a new round, also after an error: no count may carry over
             self.rounds.reset()
+            self.codec.invalid.reset()
         end = time.perf_counter()
         if probing_fallback:
             self.fallback_choice.record(end - t0, self.comm)

@@ -124,14 +124,24 @@ class OverlappedRounds:
     def abort(self) -> None:
         """After a failed round on this rank: let what the worker started finish (its
         collectives may be in flight), drop the handles and counts; the next round is clean.
-        A communicator that keeps handles of its own (mpi4py's) is told to drop them too."""
-        for fut in self._inflight.values():
-            fut.exception()
-        self._inflight.clear()
-        abandon = getattr(self.comm, "abandon", None)
-        if callable(abandon):
-            abandon()
+        A communicator that keeps handles of its own (mpi4py's) is told to abandon them."""
+        self._drop_inflight()
+        self.codec.invalid.reset()
         self.reset()
+
+    def _drop_inflight(self, current=None) -> None:
+        """Wait for every start still in flight and abandon its collective (and ``current``,
+        the handle being waited for when a round failed): a communicator that tracks its
+        handles (mpi4py's) then lets the next round reuse the names."""
+        abandon = getattr(self.comm, "abandon", None)
+        handles = [current] if current is not None else []
+        for fut in self._inflight.values():
+            if fut.exception() is None:
+                handles.append(fut.result()[0])
+        self._inflight.clear()
+        if callable(abandon):
+            for handle in handles:
+                abandon(handle)  # a no-op for a handle already waited for
 
     def ready(self, p: torch.Tensor, start: bool) -> None:
         """``p``'s gradient is final for this round. With ``start``, each bucket it completes
@@ -198,10 +208,12 @@ class OverlappedRounds:
         order = (list(self._inflight) if self.comm.asynchronous
                  else sorted(self._inflight))  # dicts keep insertion (= start) order
         wait_s = decode_s = 0.0
+        handle = None
         try:
             for bucket in (plan.buckets[i] for i in order):
                 g = bucket.group
                 t0 = time.perf_counter()
+                handle = None
                 handle, own = self._inflight.pop(bucket.index).result()
                 # (CUDA) this stream decodes after the side stream's copies into the buffer
                 self._worker.join(self.fused.buffers[g].device)
@@ -226,12 +238,12 @@ class OverlappedRounds:
                                                scale=scale)
                 wait_s += t1 - t0
                 decode_s += time.perf_counter() - t1
-        finally:
-            # after an error: let what was submitted finish (its collectives are in flight)
-            # before anything else touches the buffers; the handles are dropped
-            for fut in self._inflight.values():
-                fut.exception()
-            self._inflight.clear()
+            self.codec.check_decoded()
+        except BaseException:
+            # let what was submitted finish (its collectives are in flight) before anything
+            # else touches the buffers, and abandon what will not be waited for
+            self._drop_inflight(handle)
+            raise
         self.fused.scatter()
         st.exchange_s += wait_s
         st.decode_s += decode_s

@@ -110,6 +110,7 @@ def allgather_reduce(codec: LayerwiseCodec, comm: Communicator, typed: Sequence[
             add_scaled(raw, own_raw, scale, not first)
         else:
             codec.decode_into(p, sender, typed, raw, accumulate=not first, scale=scale)
+    codec.check_decoded()
     st.quantize_s += t1 - t0
     st.encode_s += t2 - t1
     st.exchange_s += t3 - t2
@@ -164,6 +165,7 @@ def scatter_gather_reduce(codec: LayerwiseCodec, comm: Communicator,
     for sender, p in enumerate(received):
         codec.decode_into(p, sender, mine, raw_mine, accumulate=sender > 0,
                           scale=_scale(divisor))
+    codec.check_decoded()  # before the reduced chunk is quantized and sent on
     t4 = time.perf_counter()
     # The reduced chunk is quantized again with noise independent of the first round's.
     requant = [codec.quantize(tid, m, bases[tid] + elem_b[tid][me], PHASE_REQUANTIZE)
@@ -176,6 +178,7 @@ def scatter_gather_reduce(codec: LayerwiseCodec, comm: Communicator,
     for sender, p in enumerate(gathered):  # every rank decodes the same K payloads
         outs = [buf[e[sender]:e[sender + 1]] for buf, e in zip(typed, elem_b)]
         codec.decode_into(p, sender, outs, raw[raw_b[sender]:raw_b[sender + 1]], accumulate=False)
+    codec.check_decoded()
     t8 = time.perf_counter()
     st.quantize_s += (t1 - t0) + (t5 - t4)
     st.encode_s += (t2 - t1) + (t6 - t5)
