@@ -14,6 +14,7 @@ from qoda_hvd.errors import PayloadError
 from qoda_hvd.optim import (QODA, AdaptiveStepSize, ConstantStepSize, ExtraGradient, Optimistic,
                             StepSizePolicy, optimistic)
 from qoda_hvd.optim.distributed import DistributedOptimizer
+from qoda_hvd.optim.state import broadcast_optimizer_state
 
 __version__ = "0.1.0"
 
@@ -31,5 +32,6 @@ __all__ = [
     "QODA",
     "StepSizePolicy",
     "__version__",
+    "broadcast_optimizer_state",
     "optimistic",
 ]

@@ -29,7 +29,8 @@ import torch
 
 from qoda_hvd.comm.base import Communicator
 
-__all__ = ["HorovodCommunicator", "broadcast_object", "horovod_compression_name",
+__all__ = ["HorovodCommunicator", "broadcast_object", "horovod_broadcast_optimizer_state",
+           "horovod_compression_name",
            "process_set_included", "reduce_op_name"]
 
 
@@ -238,3 +239,14 @@ def broadcast_object(obj: Any, root_rank: int, name: str) -> tuple[Any, bool]:
         >>> state, is_root = broadcast_object({"step": 3}, 0, "example")   # doctest: +SKIP
     """
     return hvd.broadcast_object(obj, root_rank=root_rank, name=name), hvd.rank() == root_rank
+
+
+def horovod_broadcast_optimizer_state(optimizer, root_rank: int, model=None) -> None:
+    """``hvd.broadcast_optimizer_state(optimizer, root_rank, model)`` (Horovod's own; see
+    :func:`qoda_hvd.broadcast_optimizer_state`, which wraps it). A collective.
+
+    Example::
+
+        >>> horovod_broadcast_optimizer_state(opt, 0)                      # doctest: +SKIP
+    """
+    hvd.broadcast_optimizer_state(optimizer, root_rank=root_rank, model=model)

@@ -3,10 +3,15 @@
 Like ``horovod.torch.DistributedOptimizer`` it returns an instance of a subclass of the user's
 optimizer class (so ``isinstance``, ``param_groups``, ``state_dict()``, lr schedulers and
 ``hvd.broadcast_optimizer_state`` keep working), counts backward passes with gradient hooks,
-and keeps Horovod's keyword arguments, defaults and misuse errors. Unlike it, the gradients are
-not allreduced tensor by tensor: at ``synchronize()`` they are fused, quantized per layer type,
-entropy coded, exchanged in one collective (see :mod:`qoda_hvd.comm.exchange`), decoded and
-averaged, identically on every rank.
+and keeps Horovod's keyword arguments, defaults and misuse errors
+(:mod:`~qoda_hvd.optim.parity`). Unlike it, the gradients are not allreduced tensor by tensor:
+at ``synchronize()`` they are fused, quantized per layer type, entropy coded, exchanged in one
+collective (see :mod:`qoda_hvd.comm.exchange`), decoded and averaged, identically on every rank.
+
+This module is the step protocol: hooks, ``synchronize()``, ``step()``, ``zero_grad()``. The
+rest has a module each: the exchange's state and its broadcast (:mod:`~qoda_hvd.optim.state`),
+re-forming after a ring change (:mod:`~qoda_hvd.optim.elastic`), sparse gradients
+(:mod:`~qoda_hvd.optim.sparse`), and the exchange itself (:func:`qoda_hvd.comm.factory.make_exchange`).
 
 What one ``step()`` costs, by wrapped optimizer:
 
@@ -15,120 +20,47 @@ What one ``step()`` costs, by wrapped optimizer:
 - :class:`~qoda_hvd.optim.extragradient.ExtraGradient`: ``extrapolation()`` and ``step()``
   exchange once each, two per iteration (the baseline QODA improves on).
 
-A ``step()`` never starts a collective on one rank alone: ``hvd.broadcast_optimizer_state``
-calls ``step()`` on the ranks whose optimizer state is empty (to create it) and skips the
-gradient exchange only for Horovod's own optimizer class. Ours recognises that call, creates
-the state locally and puts the parameters back; the exchange's own state (its step, level
-tables, typing, fallback choice) then goes from the root to every rank with the optimizer
-state, so every rank continues from the root's state, bit-identically.
+A ``step()`` never starts a collective on one rank alone: ``broadcast_optimizer_state`` calls
+``step()`` on the ranks whose optimizer state is empty (to create it); ours creates the state
+locally and puts the parameters back.
+
+Every optimizer names its overlapped collectives ``qoda<n>.b<bucket>``, n counting the
+optimizers this thread built: two optimizers whose hooks fire in one backward (a GAN's generator
+and critic) never share a name, and the ranks check at the first exchange that they agree.
 """
 from __future__ import annotations
 
 import contextlib
-import math
-import sys
+import threading
 import warnings
-from collections import Counter
 from typing import Any, Iterable, Optional
 
 import torch
 
 from qoda_hvd.comm.base import Communicator
-from qoda_hvd.comm.exchange import (AllreduceExchange, AutoTypedExchange, ExchangeStats,
-                                    LayerwiseExchange, choose_strategy)
-from qoda_hvd.compression import Compression, FP16Compressor, LayerwiseCompressor, NoneCompressor
-from qoda_hvd.config import EXCHANGES, QODA_EXCHANGE, env_default
+from qoda_hvd.comm.exchange import AutoTypedExchange, LayerwiseExchange
+from qoda_hvd.comm.factory import compression_kind, make_exchange
+from qoda_hvd.comm.stats import ExchangeStats
+from qoda_hvd.compression import Compression
+from qoda_hvd.config import EXCHANGES
+from qoda_hvd.optim.elastic import ElasticReforming
+from qoda_hvd.optim.parity import (check_backward_passes, check_groups, check_named_parameters,
+                                   check_predivide, reduce_op)
+from qoda_hvd.optim.sparse import SparseGradients
+from qoda_hvd.optim.state import (STATE_KEY, exchange_state, horovod_state_broadcast_root,
+                                  load_exchange_state)
 
 __all__ = ["DistributedOptimizer"]
 
-_STATE_KEY = "qoda_hvd"
-
-#: Frames above ``step()`` / ``state_dict()`` searched for Horovod's broadcast_optimizer_state
-#: (an lr scheduler wraps ``step`` in one more frame).
-_CALLER_DEPTH = 3
+# Optimizers built by this thread (fake ranks are threads; real ranks build in their main
+# thread in the same order on every rank): the n of each optimizer's collective names.
+_built = threading.local()
 
 
-def _horovod_state_broadcast_root(skip: int) -> Optional[int]:
-    """``root_rank`` if ``hvd.broadcast_optimizer_state`` is our caller, else ``None``.
-
-    Recognised by identity of its code object, so no other caller can be mistaken for it; read
-    from ``sys.modules``, so nothing imports Horovod for a job that does not use it.
-    """
-    functions = sys.modules.get("horovod.torch.functions")
-    code = getattr(getattr(functions, "broadcast_optimizer_state", None), "__code__", None)
-    if code is None:
-        return None
-    frame = sys._getframe(skip + 1)
-    for _ in range(_CALLER_DEPTH):
-        if frame is None:
-            return None
-        if frame.f_code is code:
-            return int(frame.f_locals["root_rank"])
-        frame = frame.f_back
-    return None
-
-
-def _layer_typing(compressor: LayerwiseCompressor, named: list[tuple[str, torch.Tensor]]):
-    from qoda_hvd.quant import classify_parameters
-    from qoda_hvd.quant import classify_named_parameters
-
-    types, min_numel = compressor.config.types, compressor.config.min_numel
-    if isinstance(types, torch.nn.Module):
-        typing = classify_parameters(types, min_numel=min_numel)
-        missing = [n for n, _ in named if n not in typing.numels]
-        if missing:
-            raise ValueError(f"types is a module whose parameters do not include {missing[:5]}: "
-                             "pass the model whose named_parameters() you gave")
-        return typing
-    return classify_named_parameters(named, overrides=types, min_numel=min_numel)
-
-
-def _compression_kind(compression) -> str:
-    """``"none"``, ``"fp16"``, ``"layerwise"`` or ``"custom"`` (has ``make_exchange``)."""
-    if callable(getattr(compression, "make_exchange", None)):
-        return "custom"
-    cls = compression if isinstance(compression, type) else type(compression)
-    if issubclass(cls, FP16Compressor):
-        return "fp16"
-    if issubclass(cls, NoneCompressor):
-        return "none"
-    if isinstance(compression, LayerwiseCompressor):
-        return "layerwise"
-    if getattr(cls, "__module__", "").startswith("horovod."):
-        # hvd.Compression.none / .fp16: the same meaning as ours (checked on Horovod's classes).
-        from qoda_hvd.comm.horovod import horovod_compression_name
-
-        name = horovod_compression_name(compression)
-        if name is not None:
-            return name
-    raise TypeError("compression must be qoda_hvd.Compression.none, .fp16 or .layerwise(...) "
-                    f"(or Horovod's hvd.Compression.none / .fp16), got {compression!r}")
-
-
-def _check_groups(groups, num_groups):
-    """Horovod's ``num_groups`` / ``groups`` checks and deprecation (same sentences)."""
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
-        raise ValueError(f"num_groups must be an int >= 0, got {num_groups!r}")
-    if num_groups != 0:
-        warnings.warn("Parameter `num_groups` has been replaced by `groups` and will be removed "
-                      "in v0.23.0.", DeprecationWarning, stacklevel=3)
-        if groups is None:
-            groups = num_groups
-    if groups is None:
-        return None
-    if isinstance(groups, list):
-        seen: set[int] = set()
-        for group in groups:
-            for p in group:
-                if not isinstance(p, torch.Tensor):
-                    raise ValueError("groups must consist of torch.Tensor.")
-                if id(p) in seen:
-                    raise ValueError("A parameter can only appear once in groups.")
-                seen.add(id(p))
-    elif isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
-        raise ValueError("groups should be a non-negative integer or a list of list of "
-                         f"torch.Tensor, got {groups!r}.")
-    return groups
+def _next_name() -> str:
+    n = getattr(_built, "count", 0)
+    _built.count = n + 1
+    return f"qoda{n}"
 
 
 class _NoExchange:
@@ -144,34 +76,17 @@ class _NoExchange:
         pass
 
 
-class _DistributedOptimizer:
+class _DistributedOptimizer(ElasticReforming):
     """Mixin placed before the user's optimizer class (see :func:`DistributedOptimizer`)."""
 
     def __init__(self, params, named_parameters, compression, backward_passes_per_step, op,
                  gradient_predivide_factor, groups, sparse_as_dense, process_set, exchange,
-                 communicator: Optional[Communicator]) -> None:
+                 communicator: Optional[Communicator], overlap: Optional[bool],
+                 bucket_cap_mb: Optional[float]) -> None:
         super().__init__(params)
-        if named_parameters is not None:
-            named_parameters = list(named_parameters)
-        else:
-            named_parameters = [(f"allreduce.noname.{i}.{j}", v)
-                                for i, group in enumerate(self.param_groups)
-                                for j, v in enumerate(group["params"])]
-        if any(not isinstance(p, tuple) or len(p) != 2 for p in named_parameters):
-            raise ValueError("named_parameters should be a sequence of tuples (name, parameter), "
-                             "usually produced by model.named_parameters().")
-        dups = [k for k, c in Counter(k for k, _ in named_parameters).items() if c > 1]
-        if dups:
-            raise ValueError("Parameter names in named_parameters must be unique. "
-                             f"Found duplicates: {', '.join(dups)}")
+        named_parameters = check_named_parameters(named_parameters, self.param_groups)
         all_ids = {id(v) for group in self.param_groups for v in group["params"]}
-        unnamed = all_ids - {id(v) for _, v in named_parameters}
-        if unnamed:
-            raise ValueError("named_parameters was specified, but one or more model parameters "
-                             f"were not named. Python object ids: {', '.join(map(str, unnamed))}")
-        if (isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int)
-                or backward_passes_per_step < 1):
-            raise ValueError(f"backward_passes_per_step must be an int >= 1, got {backward_passes_per_step!r}")
+        check_backward_passes(backward_passes_per_step)
         if not isinstance(sparse_as_dense, bool):
             raise TypeError(f"sparse_as_dense must be a bool, got {type(sparse_as_dense).__name__}")
         if communicator is not None and not isinstance(communicator, Communicator):
@@ -179,20 +94,12 @@ class _DistributedOptimizer:
         if communicator is not None and process_set is not None:
             raise ValueError("process_set chooses the ranks of the default (Horovod) communicator; "
                              "pass either process_set or communicator, not both")
-        if isinstance(op, str) and op.lower() in ("average", "sum"):
-            op_name = op.lower()
-        else:
-            from qoda_hvd.comm.horovod import reduce_op_name
-
-            op_name = reduce_op_name(op)
-        if (isinstance(gradient_predivide_factor, bool)
-                or not isinstance(gradient_predivide_factor, (int, float))
-                or not math.isfinite(gradient_predivide_factor) or gradient_predivide_factor <= 0):
-            raise ValueError("gradient_predivide_factor must be a finite number > 0, got "
-                             f"{gradient_predivide_factor!r}")
-        if gradient_predivide_factor != 1.0 and op_name != "average":
-            raise ValueError("gradient_predivide_factor not supported with op != Average")
-        kind = _compression_kind(compression)  # TypeError for an unknown compression, early
+        if overlap is not None and not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be a bool or None, got {type(overlap).__name__}")
+        op_name = reduce_op(op)
+        self.gradient_predivide_factor = check_predivide(gradient_predivide_factor, op_name)
+        kind = compression_kind(compression)  # TypeError for an unknown compression, early
+        self._name = _next_name()
 
         self._owns_communicator = communicator is None
         local = False
@@ -208,7 +115,6 @@ class _DistributedOptimizer:
         #: Parameter -> name, as Horovod's optimizer exposes it.
         self._parameter_names = {v: k for k, v in sorted(named_parameters, key=lambda t: t[0])}
         self.op = op
-        self.gradient_predivide_factor = float(gradient_predivide_factor)
         self.sparse_as_dense = sparse_as_dense
         self.process_set = process_set
         # Horovod batches its per-tensor allreduces by these groups; here every gradient
@@ -220,145 +126,42 @@ class _DistributedOptimizer:
         self._local = local
         self.backward_passes_per_step = backward_passes_per_step
         self._exchange_arg, self._average, self._kind = exchange, op_name == "average", kind
-        self._exchange = (_NoExchange() if local else
-                          self._make_exchange(compression, named, communicator, exchange,
-                                              self._average, kind))
+        # overlap: layer-wise only, and not with gradient_predivide_factor (it scales the
+        # gradients at synchronize()); None: measured where collectives run in the background
+        self._overlap_wanted = overlap
+        self._bucket_cap_mb = bucket_cap_mb
+        self._exchange = _NoExchange() if local else self._new_exchange(communicator)
         self._passes = {p: 0 for _, p in named}
         # Horovod registers no hooks on a rank outside the process set: no pass counting there.
         self._hooks = [] if local else [p.register_post_accumulate_grad_hook(self._count_pass)
                                         for _, p in named]
-        self._sparse: set[torch.Tensor] = set()       # parameters whose gradient came sparse
-        self._dense: dict[torch.Tensor, torch.Tensor] = {}  # their dense buffers, reused
+        self._sparse = SparseGradients()
         self._synchronized = False
         self._should_synchronize = True
         self._state_made_locally = False
+        self._broadcast_root: Optional[int] = None  # set inside broadcast_optimizer_state
         # Elastic: re-form the exchange before this round's first collective if the ring changed
         # or a collective of the old ring failed (its handles and buffers are not to be reused).
         self._ring_checked = False
         self._broken = False
 
-    @staticmethod
-    def _horovod_communicator(process_set) -> tuple[Communicator, bool]:
-        """Horovod's collectives over ``process_set``, or (outside it) a rank of its own."""
-        from qoda_hvd.comm.horovod import HorovodCommunicator, process_set_included
-
-        if process_set_included(process_set):
-            return HorovodCommunicator(process_set), False
-        from qoda_hvd.comm.local import LocalGroup  # Horovod's semantics: train locally
-
-        return LocalGroup(1)[0], True
-
-    def _rebuild_exchange(self) -> None:
-        """Re-form the communicator and the exchange for Horovod's current ring, keeping the
-        exchange's state (step, levels, typing, fallback choice, a compressor's extra state).
-
-        ``hvd.elastic`` re-initialises Horovod after a lost or added worker: the size, this
-        rank, ``exchange="auto"``'s strategy, the chunking and the rank-keyed noise all change.
-        :meth:`synchronize` calls this by itself when the ring has changed (every rank then
-        rebuilds, and a rank whose size and rank stayed keeps a still valid exchange); it is
-        local (no collective), so it may also serve as an elastic reset callback. Statistics
-        restart with the new exchange.
-        """
-        if not self._owns_communicator:
-            raise RuntimeError("the exchange runs over a communicator passed to "
-                               "DistributedOptimizer, which it cannot re-form; elastic training "
-                               "needs the default (Horovod) communicator")
-        extra = self._extra_state()
-        comm, self._local = self._horovod_communicator(self.process_set)
-        self._communicator = comm
-        self._exchange = (_NoExchange() if self._local else
-                          self._make_exchange(self._compression, self._named, comm,
-                                              self._exchange_arg, self._average, self._kind))
-        if extra is not None:
-            self._load_extra_state(extra)
-        self._set_overlap(getattr(self, "_overlap_wanted", None))
-
-    def _ring_changed(self) -> bool:
-        changed = getattr(self._communicator, "changed", None)
-        return self._owns_communicator and callable(changed) and changed()
-
-    def _reform_if_needed(self) -> None:
-        """Once per round, before its first collective (and in the broadcast of the state):
-        rebuild the exchange if Horovod's ring changed or one of its collectives failed."""
-        if self._owns_communicator and not self._local and (self._broken or self._ring_changed()):
-            self._rebuild_exchange()
-        self._broken = False
-        self._ring_checked = True
-
-    @contextlib.contextmanager
-    def _failing_marks_broken(self):
-        try:
-            yield
-        except BaseException:
-            self._broken, self._ring_checked = True, False
-            raise
-
-    @staticmethod
-    def _make_exchange(compression, named, comm, exchange, average, kind=None):
-        """The exchange object for ``compression`` (see :mod:`qoda_hvd.comm.exchange`).
-
-        A compression object with a callable ``make_exchange(named, communicator, average)``
-        builds its own exchange (e.g. low-rank compression): any callable that aggregates every
-        rank's ``p.grad`` into every rank's ``p.grad`` and has ``stats``
-        (:class:`~qoda_hvd.comm.exchange.ExchangeStats`); optional ``strategy``,
-        ``extra_state()`` / ``load_extra_state(dict)`` (kept in ``state_dict()`` and sent by
-        ``hvd.broadcast_optimizer_state``) and ``stats.rounds``.
-        """
-        kind = kind or _compression_kind(compression)
-        if kind == "custom":
-            return compression.make_exchange(list(named), comm, average)
-        params = [p for _, p in named]
-        if kind == "none":
-            return AllreduceExchange(params, comm, average)
-        if kind == "fp16":
-            return AllreduceExchange(params, comm, average, fp16=True)
-        from qoda_hvd.quant import LayerwiseQuantizer, num_levels_for_bits
-
-        cfg = compression.config
-        strategy = env_default(None if exchange == "auto" else exchange, QODA_EXCHANGE, str) or "auto"
-        if strategy not in EXCHANGES:
-            raise ValueError(f"exchange must be one of {', '.join(EXCHANGES)}, got {strategy!r}")
-
-        def build(typing):
-            quantizer = LayerwiseQuantizer(typing, bits=cfg.bits, family=cfg.levels,
-                                           bucket_size=cfg.bucket_size, norm=cfg.norm,
-                                           schedule=cfg.schedule, every=cfg.every,
-                                           allocate=cfg.allocate)
-            return LayerwiseExchange(typing, named, quantizer, comm,
-                                     choose_strategy(strategy, comm.size), cfg.coding, average,
-                                     cfg.seed, cfg.bandwidth, cfg.fallback, cfg.threads)
-
-        if cfg.types == "auto":
-            return AutoTypedExchange(named, comm, build, num_levels_for_bits(cfg.bits),
-                                     cfg.min_numel, cfg.bucket_size, cfg.norm)
-        return build(_layer_typing(compression, named))
-
-    # -- hooks and call order (Horovod's rules and sentences) ---------------------------
-
-    _overlap = False
-    _bucket_cap_mb: Optional[float] = None
-
-    def _set_overlap(self, on: Optional[bool]) -> None:
-        """Start each bucket's collective from the hooks (layer-wise compression only; not with
-        ``gradient_predivide_factor``, which scales the gradients at ``synchronize()``).
-        ``None``: with a communicator that runs collectives in the background (Horovod's,
-        mpi4py's), measured: overlapped and one-block iterations are timed in turn over the first steps
-        where overlap is possible and every rank keeps the faster (one small allreduce);
-        off with communicators that only run collectives at ``synchronize()``."""
-        if on is not None and not isinstance(on, bool):
-            raise TypeError(f"overlap must be a bool or None, got {type(on).__name__}")
-        self._overlap_wanted = on
+    def _new_exchange(self, comm: Communicator):
+        """The exchange over ``comm`` (:func:`qoda_hvd.comm.factory.make_exchange`)."""
+        on = self._overlap_wanted
         probe = on is None
         if on is None:
-            on = bool(getattr(self._communicator, "asynchronous", False))
-        self._overlap = bool(on and hasattr(self._exchange, "grad_ready")
-                             and self.gradient_predivide_factor == 1.0)
-        if hasattr(self._exchange, "overlap"):
-            self._exchange.overlap = self._overlap
-        if hasattr(self._exchange, "overlap_probe"):
-            self._exchange.overlap_probe = probe and self._overlap
-        if hasattr(self._exchange, "bucket_cap_mb"):
-            self._exchange.bucket_cap_mb = self._bucket_cap_mb
+            on = comm.asynchronous
+        overlapping = (on and self._kind == "layerwise" and self.gradient_predivide_factor == 1.0)
+        return make_exchange(self._compression, self._named, comm, self._exchange_arg,
+                             self._average, overlap=overlapping,
+                             overlap_probe=probe and overlapping,
+                             bucket_cap_mb=self._bucket_cap_mb, name=self._name)
+
+    @property
+    def _overlap(self) -> bool:
+        return bool(getattr(self._exchange, "overlap", False))
+
+    # -- hooks and call order (Horovod's rules and sentences) ---------------------------
 
     def _count_pass(self, p: torch.Tensor) -> None:
         if self._passes[p] >= self.backward_passes_per_step:
@@ -380,9 +183,7 @@ class _DistributedOptimizer:
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         """Horovod's setter: a new number of local passes per exchange, counts restarted."""
-        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-            raise ValueError(f"backward_passes_per_step must be an int >= 1, got {passes!r}")
-        self.backward_passes_per_step = passes
+        self.backward_passes_per_step = check_backward_passes(passes)
         for p in self._passes:
             self._passes[p] = 0
 
@@ -390,30 +191,6 @@ class _DistributedOptimizer:
         grads = [p.grad for _, p in self._named if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, factor)
-
-    def _densify(self) -> list[torch.Tensor]:
-        """Sparse gradients -> dense buffers (made once, reused) for the fused exchange."""
-        dense = []
-        for p in self._sparse:
-            if p.grad is None or not p.grad.is_sparse:
-                continue
-            buf = self._dense.get(p)
-            if buf is None:
-                buf = self._dense[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            else:
-                buf.zero_()
-            buf.add_(p.grad)  # sums repeated indices, as coalescing would
-            p.grad = buf
-            dense.append(p)
-        return dense
-
-    @staticmethod
-    def _to_row_sparse(dense: torch.Tensor) -> torch.Tensor:
-        """The rows of ``dense`` with a nonzero entry, as a coalesced sparse tensor (the layout
-        of an embedding's gradient)."""
-        rows = dense.reshape(dense.shape[0], -1).ne(0).any(dim=1).nonzero().squeeze(1)
-        return torch.sparse_coo_tensor(rows.unsqueeze(0), dense.index_select(0, rows),
-                                       dense.shape, check_invariants=False, is_coalesced=True)
 
     def synchronize(self) -> None:
         """Exchange the gradients now (ONE exchange); ``step()`` then skips its own.
@@ -424,7 +201,7 @@ class _DistributedOptimizer:
         if not self._ring_checked:
             self._reform_if_needed()
         if not self._local:
-            densified = self._densify() if self._sparse else ()
+            densified = self._sparse.densify() if self._sparse else ()
             factor = self.gradient_predivide_factor
             if factor != 1.0:  # Horovod's split of the average: 1/f before the sum, f/K after
                 self._scale_grads(1.0 / factor)
@@ -432,8 +209,7 @@ class _DistributedOptimizer:
                 self._exchange()
             if factor != 1.0:
                 self._scale_grads(factor)
-            for p in densified:  # the optimizer gets a sparse gradient again, as in Horovod
-                p.grad = self._to_row_sparse(p.grad)
+            self._sparse.resparsify(densified)  # the optimizer gets sparse gradients again
         for p in self._passes:
             self._passes[p] = 0
         self._synchronized = True
@@ -449,8 +225,15 @@ class _DistributedOptimizer:
         finally:
             self._should_synchronize = True
 
+    def _state_broadcast_root(self) -> Optional[int]:
+        """The root of the state broadcast we are inside of, if any (explicit, or Horovod's
+        function recognised 2 frames up)."""
+        if self._broadcast_root is not None:
+            return self._broadcast_root
+        return horovod_state_broadcast_root(2)
+
     def step(self, closure=None):
-        if _horovod_state_broadcast_root(1) is not None:
+        if self._state_broadcast_root() is not None:
             loss = self._make_state_locally(closure)
             self._state_made_locally = True
             return loss
@@ -461,6 +244,8 @@ class _DistributedOptimizer:
                               "slowdown. You may want to consider using "
                               "optimizer.skip_synchronize() context if you use "
                               "optimizer.synchronize() in your code.")
+            else:
+                self._refuse_unrecognised_state_step()
             self.synchronize()
         self._synchronized = False
         return super().step(closure)
@@ -468,8 +253,25 @@ class _DistributedOptimizer:
     # Step hooks of torch.optim fire in the wrapped optimizer's step, once per step.
     step.hooked = True  # type: ignore[attr-defined]
 
+    def _refuse_unrecognised_state_step(self) -> None:
+        """A ``step()`` with no backward since the last exchange, on an empty state, with every
+        gradient zero, is what ``hvd.broadcast_optimizer_state`` makes on the ranks whose state
+        is empty: exchanging there would start a collective the root never joins (a stall).
+        Raise instead, on every such rank."""
+        if self._local or any(self._passes.values()) or len(self.state) != 0:
+            return
+        grads = [p.grad for _, p in self._named]
+        if not grads or any(g is None or bool((g.coalesce().values() if g.is_sparse else g).any())
+                            for g in grads):
+            return
+        raise RuntimeError(
+            "optimizer.step() was called with all-zero gradients, no backward pass and an empty "
+            "optimizer state: this is hvd.broadcast_optimizer_state creating the state, called "
+            "through a wrapper qoda_hvd could not recognise, and exchanging here would stall "
+            "the job. Call qoda_hvd.broadcast_optimizer_state(optimizer, root_rank) instead.")
+
     def _make_state_locally(self, closure):
-        """``hvd.broadcast_optimizer_state``'s state-creating ``step()`` (zero gradients, on the
+        """``broadcast_optimizer_state``'s state-creating ``step()`` (zero gradients, on the
         ranks with empty state only): the wrapped optimizer's step, without any collective, and
         the parameters put back, since the parameters were broadcast before and a step that
         moves them on some ranks only (QODA, optimism, weight decay) would desynchronise them."""
@@ -552,91 +354,49 @@ class _DistributedOptimizer:
             out["overlap_measured"] = layerwise.overlap_measured
         return out
 
-    def _extra_state(self) -> Optional[dict[str, Any]]:
-        """The exchange's state (``state_dict()[_STATE_KEY]``), or None when it has none."""
-        ex = self._exchange
-        auto = isinstance(ex, AutoTypedExchange)
-        layerwise = ex.inner if auto else ex
-        extra: dict[str, Any] = {}
-        if isinstance(layerwise, LayerwiseExchange):
-            extra = {"step": layerwise.step, "levels": layerwise.lq.state_dict(),
-                     "typing": ex.typing_state() if auto else None,
-                     "sends": layerwise.sends,
-                     "fallback_decided": layerwise.fallback_decided,
-                     # the overlap probe's outcome (every rank must keep the same one)
-                     "overlap_decided": layerwise.overlap_decided,
-                     "overlap": layerwise.overlap,
-                     "overlap_measured": layerwise.overlap_measured,
-                     # a level update postponed by an all-zero gradient happens at the next step
-                     "update_deferred": bool(getattr(layerwise, "_update_deferred", False))}
-        elif auto:
-            extra = {"typing": None}  # the types are still to be found at the first exchange
-        get = getattr(ex, "extra_state", None)
-        if callable(get):
-            extra["exchange"] = get()
-        return extra or None
-
-    def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        ex = self._exchange
-        if isinstance(ex, AutoTypedExchange):
-            if extra.get("typing") is None:
-                ex.inner = None
-            else:
-                ex.load_typing_state(extra["typing"])
-            ex = ex.inner
-        if isinstance(ex, LayerwiseExchange) and "step" in extra:
-            ex.step = int(extra["step"])
-            ex.lq.load_state_dict(extra["levels"])
-            ex._update_deferred = bool(extra.get("update_deferred", False))
-            if ex.fallback:  # a run without fallback=True quantizes, whatever the checkpoint chose
-                ex.sends = extra.get("sends", "quantized")
-                ex.fallback_decided = bool(extra.get("fallback_decided", False))
-            if ex.overlap_probe and extra.get("overlap_decided"):  # probed: keep its choice
-                ex.overlap_decided = True
-                ex.overlap = bool(extra.get("overlap", False))
-                ex.overlap_measured = extra.get("overlap_measured")
-        load = getattr(self._exchange, "load_extra_state", None)
-        if callable(load) and extra.get("exchange") is not None:
-            load(extra["exchange"])
+    @contextlib.contextmanager
+    def _state_broadcast(self, root_rank: int):
+        """Inside :func:`qoda_hvd.broadcast_optimizer_state`: ``state_dict()`` and ``step()``
+        know they serve a broadcast from ``root_rank``."""
+        self._broadcast_root = root_rank
+        try:
+            yield
+        finally:
+            self._broadcast_root = None
 
     def _receive_extra_state(self, root_rank: int) -> None:
-        """Inside ``hvd.broadcast_optimizer_state`` (which every rank calls, and which sends only
-        the torch part of ``state_dict()``): the root's exchange state to every rank, in ONE
-        ``broadcast_object`` over the same (global) ranks."""
+        """Inside a state broadcast (which every rank calls, and which sends only the torch
+        part of ``state_dict()``): the root's exchange state to every rank, in ONE
+        ``broadcast_object`` over the same (global) ranks; undecided probes restart on every
+        rank at once, and the settings are agreed again at the next exchange."""
         from qoda_hvd.comm.horovod import broadcast_object
 
         self._reform_if_needed()  # hvd.elastic's sync after a reset: the new ring from here on
         self._ring_checked = False
-        extra, is_root = broadcast_object(self._extra_state(), root_rank, "qoda_hvd.exchange_state")
+        extra, is_root = broadcast_object(exchange_state(self._exchange), root_rank,
+                                          "qoda_hvd.exchange_state")
         if not is_root and extra is not None:
-            self._load_extra_state(extra)
-        # An undecided fallback probe counts calls in this process: restart it on every rank,
-        # so all ranks time the same calls and decide at the same one.
-        ex = self._exchange
-        ex = ex.inner if isinstance(ex, AutoTypedExchange) else ex
-        if isinstance(ex, LayerwiseExchange) and ex.fallback and not ex.fallback_decided:
-            ex._probe_calls, ex._probe_sums = 0, [0.0, 0.0]
-        # The overlap probe likewise (a survivor of an elastic reset keeps its exchange while a
-        # new worker starts a fresh one; with types="auto" the other ranks rebuild theirs).
-        if isinstance(ex, LayerwiseExchange) and ex.overlap_probe and not ex.overlap_decided:
-            ex.restart_overlap_probe()
+            load_exchange_state(self._exchange, extra)
+        restart = getattr(self._exchange, "restart_probes", None)
+        if callable(restart):
+            restart()
 
     def state_dict(self) -> dict[str, Any]:
-        root = _horovod_state_broadcast_root(1)
+        root = self._state_broadcast_root()
         if root is not None:
             if self._state_made_locally:  # the second call, right after the state-making step
                 self._state_made_locally = False
             else:
                 self._receive_extra_state(root)
         state = super().state_dict()
-        extra = self._extra_state()
+        extra = exchange_state(self._exchange)
         if extra is not None:
-            state[_STATE_KEY] = extra
+            state[STATE_KEY] = extra
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        extra = state_dict.pop(_STATE_KEY, None)
+        extra = state_dict.pop(STATE_KEY, None)
         super().load_state_dict(state_dict)
         # As Horovod's optimizer: a loaded state starts a new accumulation.
         for p in self._passes:
@@ -645,7 +405,7 @@ class _DistributedOptimizer:
         self._should_synchronize = True
         self._ring_checked = False
         if extra is not None:
-            self._load_extra_state(extra)
+            load_exchange_state(self._exchange, extra)
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
@@ -732,7 +492,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         raise ValueError("optimizer is already a qoda_hvd.DistributedOptimizer")
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
-    groups = _check_groups(groups, num_groups)
+    groups = check_groups(groups, num_groups)
     base = type(optimizer)
     cls = type(base.__name__, (_DistributedOptimizer, base), {"__module__": __name__})
     if bucket_cap_mb is not None:
@@ -741,9 +501,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         bucket_cap_bytes(bucket_cap_mb)  # TypeError / ValueError now, naming the argument
     wrapped = cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step,
                   op, gradient_predivide_factor, groups, sparse_as_dense, process_set, exchange,
-                  communicator)
-    wrapped._bucket_cap_mb = bucket_cap_mb
-    wrapped._set_overlap(overlap)
+                  communicator, overlap, bucket_cap_mb)
     # Rebuilding from param_groups keeps every per-group hyperparameter; QODA's and
     # ExtraGradient's step-size rule is an attribute of the optimizer, so it is carried over too.
     if hasattr(optimizer, "step_size_policy"):

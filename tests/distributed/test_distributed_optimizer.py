@@ -163,6 +163,37 @@ def test_broadcast_optimizer_state_and_resume(multi, tmp_path_factory):
     assert_identical_across_ranks(hvd, model2)
 
 
+def _deep(fn, depth, *args):
+    """``fn(*args)`` called ``depth`` frames down (a user's wrappers around it)."""
+    return fn(*args) if depth == 0 else _deep(fn, depth - 1, *args)
+
+
+def test_state_broadcast_through_deep_wrappers(multi):
+    """qoda_hvd.broadcast_optimizer_state works however deep it is called; Horovod's own,
+    called too deep to be recognised, is a clear error on every rank instead of a stall."""
+    hvd = multi
+    comp = qoda_hvd.Compression.layerwise(**LAYERWISE)
+    model = make_model()
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = qoda_hvd.DistributedOptimizer(QODA(model.parameters(), lr=0.05),
+                                        model.named_parameters(), compression=comp)
+    _deep(qoda_hvd.broadcast_optimizer_state, 6, opt, 0)
+    assert len(opt.state_dict()["state"]) > 0 and opt.compression_stats()["exchanges"] == 0
+    for step in range(3):
+        x, y = batch(hvd.rank(), step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert_identical_across_ranks(hvd, model)
+
+    fresh = make_model()
+    opt2 = qoda_hvd.DistributedOptimizer(QODA(fresh.parameters(), lr=0.05),
+                                         fresh.named_parameters(), compression=comp)
+    with pytest.raises(RuntimeError, match=r"qoda_hvd.broadcast_optimizer_state\(optimizer"):
+        _deep(hvd.broadcast_optimizer_state, 6, opt2, 0)
+    assert opt2.compression_stats()["exchanges"] == 0  # nothing was started
+
+
 def test_automatic_layer_types_agree_across_ranks(multi):
     comp = qoda_hvd.Compression.layerwise(types="auto", **LAYERWISE)
     model, opt, _ = train(multi, lambda m: QODA(m.parameters(), lr=0.05), 4, compression=comp)

@@ -114,3 +114,53 @@ def test_mpi4py_overlap_point_to_point_gives_the_same_parameters(multi, cap):
     assert not thread.is_alive()
     with pytest.raises(ValueError, match="progress_interval must be seconds in"):
         MPICommunicator(progress_interval=0)  # checked before anything collective
+
+
+class _Reverse(torch.autograd.Function):
+    """Gradient reversal: the critic ascends what the generator descends, in ONE backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+def train_gan(hvd, overlap, steps=5):
+    """A generator and a critic, each with its own DistributedOptimizer, whose gradients come
+    from one joint loss: both optimizers' hooks fire in the same backward, so both start
+    overlapped buckets at once (the case that collided on collective names)."""
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64))
+    critic = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    for m in (gen, critic):
+        hvd.broadcast_parameters(m.state_dict(), root_rank=0)
+
+    def make(m):
+        return qoda_hvd.DistributedOptimizer(
+            torch.optim.SGD(m.parameters(), lr=0.01), m.named_parameters(),
+            compression=qoda_hvd.Compression.layerwise(**LAYERWISE), overlap=overlap)
+
+    opt_g, opt_c = make(gen), make(critic)
+    for step in range(steps):
+        g = torch.Generator().manual_seed(1000 * hvd.rank() + step)
+        z, real = torch.randn(16, 8, generator=g), torch.randn(16, 64, generator=g)
+        opt_g.zero_grad()
+        opt_c.zero_grad()
+        fake = _Reverse.apply(gen(z))
+        (critic(fake).mean() - critic(real).mean()).backward()
+        opt_c.step()
+        opt_g.step()
+    return torch.cat([p.detach().reshape(-1) for m in (gen, critic) for p in m.parameters()])
+
+
+@pytest.mark.parametrize("overlap", [True, None])
+def test_two_optimizers_in_one_backward_overlap_without_name_clashes(multi, overlap):
+    got = train_gan(multi, overlap)
+    ref = train_gan(multi, False)
+    assert torch.equal(got, ref)  # overlapped or probed: the one-block parameters, bit for bit
+    everyone = multi.allgather(got.unsqueeze(0), name=f"overlap.gan.{overlap}")
+    for r in range(1, multi.size()):
+        assert torch.equal(everyone[0], everyone[r])

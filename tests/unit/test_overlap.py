@@ -39,7 +39,7 @@ def aggregate(rank, comm, overlap, order, steps=4, coding="auto", schedule=(0, 2
         g = torch.Generator().manual_seed(100 * rank + step)
         for _, p in named:
             p.grad = torch.randn(p.shape, generator=g).to(device)
-        started_before = len(ex._inflight)
+        started_before = ex.rounds.started
         if order == "reverse":
             ready = list(reversed(named))
         elif order == "shuffled":
@@ -49,7 +49,7 @@ def aggregate(rank, comm, overlap, order, steps=4, coding="auto", schedule=(0, 2
             named[-1][1].grad = None
         for _, p in ready:
             ex.grad_ready(p)
-        started.append(len(ex._inflight) - started_before)  # by the hooks, before ex()
+        started.append(ex.rounds.started - started_before)  # by the hooks, before ex()
         ex()
         grads.append(torch.cat([p.grad.reshape(-1) for _, p in named]).cpu())
     return grads, comm.stats.collectives, ex.stats.exchanges, len(ex.buckets.buckets), started
@@ -208,13 +208,13 @@ def probed(rank, comm, steps, sums=None):
         for _, p in named:
             p.grad = torch.randn(p.shape, generator=g)
         modes.append(ex._overlap_now())
-        if sums is not None and ex._ov_calls == 13:  # the last timed call: planted totals
-            ex._ov_sums = list(sums[rank])
+        if sums is not None and ex.overlap_choice.calls == 13:  # the last timed call: planted
+            ex.overlap_choice._sums = list(sums[rank])            # totals
         for _, p in reversed(named):
             ex.grad_ready(p)
         ex()
         grads.append(torch.cat([p.grad.reshape(-1) for _, p in named]).clone())
-    return modes, grads, ex.overlap, ex.overlap_decided, ex.overlap_measured, \
+    return modes, grads, ex.overlap_state == "on", ex.overlap_decided, ex.overlap_measured, \
         comm.stats.allreduces
 
 
@@ -258,7 +258,7 @@ def test_a_failing_bucket_start_raises_at_synchronize_and_the_next_round_is_clea
         ex = LayerwiseExchange(typing, named, LayerwiseQuantizer(typing, bits=4, schedule=(0,)),
                                comm, "allgather", "fixed", seed=3)
         ex.overlap = True
-        real = ex._quantize
+        real = ex.codec.quantize
         errors, grads = [], []
         for step in range(4):
             g = torch.Generator().manual_seed(100 * rank + step)
@@ -269,15 +269,15 @@ def test_a_failing_bucket_start_raises_at_synchronize_and_the_next_round_is_clea
                     if tid == 0:
                         raise ValueError("tensor contains NaN or Inf values")
                     return real(tid, *a, **k)
-                ex._quantize = boom
+                ex.codec.quantize = boom
             for _, p in reversed(named):
                 ex.grad_ready(p)
             try:
                 ex()
             except ValueError as e:
                 errors.append((step, str(e)))
-            ex._quantize = real
-            assert not ex._inflight and ex.buckets._remaining == [len(b.params)
+            ex.codec.quantize = real
+            assert not ex.rounds.in_flight and ex.buckets._remaining == [len(b.params)
                                                                   for b in ex.buckets.buckets]
             grads.append(torch.cat([p.grad.reshape(-1) for _, p in named]).clone())
         return errors, grads
@@ -317,11 +317,12 @@ def test_a_probed_overlap_choice_travels_in_the_state_dict():
             communicator=LocalGroup(1)[0], overlap=True)
 
     src = make()
-    ex = src._exchange
-    ex.overlap_probe, ex.overlap_decided, ex.overlap = True, True, False
-    ex.overlap_measured = {"block_s": 1.0, "overlapped_s": 1.2}
+    src._exchange.overlap_choice.load_state_dict(
+        {"decided": True, "choice": 0, "measured": {"block_s": 1.0, "overlapped_s": 1.2}})
+    # the receiving exchange does not probe (as one rebuilt by an elastic re-form before its
+    # overlap settings were applied): the decision loads all the same, so no rank probes alone
     dst = make()
-    dst._exchange.overlap_probe = True  # as overlap=None sets it with Horovod
+    assert not dst._exchange.overlap_probe
     dst.load_state_dict(src.state_dict())
-    assert dst._exchange.overlap_decided and dst._exchange.overlap is False
+    assert dst._exchange.overlap_decided and dst._exchange.overlap_choice.choice == 0
     assert dst._exchange.overlap_measured == {"block_s": 1.0, "overlapped_s": 1.2}
