@@ -495,3 +495,43 @@ def node_communicators(comm: Communicator, topology: Topology
         return local, cross
     return (SubsetCommunicator(comm, topology.local_ranks),
             SubsetCommunicator(comm, topology.cross_ranks))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m qoda_hvd.comm.topology [--mpi4py]`` under ``horovodrun`` / ``mpirun``: every
+    rank prints the topology it agreed on (what the two-level exchange will use).
+
+    Example::
+
+        horovodrun -np 4 -H node1:2,node2:2 python -m qoda_hvd.comm.topology
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m qoda_hvd.comm.topology",
+                                     description="Print the node topology every rank agrees on "
+                                                 "(run it under horovodrun or mpirun).")
+    parser.add_argument("--mpi4py", action="store_true",
+                        help="detect through mpi4py (Split_type) instead of Horovod")
+    args = parser.parse_args(argv)
+    if args.mpi4py:
+        from qoda_hvd.comm.mpi import MPICommunicator
+
+        comm: Communicator = MPICommunicator()
+    else:
+        import horovod.torch as hvd
+
+        from qoda_hvd.comm.horovod import HorovodCommunicator
+
+        hvd.init()
+        comm = HorovodCommunicator()
+    topo = detect_topology(comm)
+    what = ("two-level exchange (exchange='auto' picks it)" if topo.two_level else
+            "float32 inside the node (exchange='auto' does not compress on one node of GPUs)"
+            if topo.num_nodes == 1 and topo.size > 1 else "flat exchange")
+    print(f"rank {comm.rank}/{comm.size}: {topo.describe()}; node {topo.node}, local rank "
+          f"{topo.local_rank} of {topo.local_size} -> {what}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
