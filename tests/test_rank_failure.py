@@ -1,6 +1,7 @@
 """A rank that raises ends the whole job, under each launcher, well before any timeout."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -28,4 +29,6 @@ def test_a_failing_rank_does_not_leave_the_other_hanging(launcher, mode):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "rank 1 fails on purpose" in out, out[-3000:]
+    if mode == "overlap":  # the failure came while a bucket's allgather was in flight
+        assert re.search(r"\(mid-backward, [1-9]\d* bucket\(s\) in flight\)", out), out[-3000:]
     assert elapsed < LIMIT / 2, f"{launcher} took {elapsed:.0f} s to stop the job"

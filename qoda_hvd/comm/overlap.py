@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

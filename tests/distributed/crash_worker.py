@@ -32,7 +32,10 @@ def main() -> None:
         if overlap and hvd.rank() == 1 and step == 2:  # step 2: no level update, overlapped
 
             def fail(grad):
-                raise RuntimeError("rank 1 fails on purpose (mid-backward)")
+                # the head's bucket must really be in flight here, or the test proves nothing
+                in_flight = opt._exchange.rounds.started
+                raise RuntimeError(f"rank 1 fails on purpose (mid-backward, {in_flight} "
+                                   "bucket(s) in flight)")
 
             hidden.register_hook(fail)  # after the last layer's gradients, before the first's
         model[2](hidden).sum().backward()

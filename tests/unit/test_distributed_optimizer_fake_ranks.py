@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 import warnings
 
 import pytest
@@ -405,21 +404,22 @@ class TestAutomaticTypes:
 
 class TestFallback:
     """``fallback=True``: exchanges 1-3 timed quantized, 5-7 as float32; one allreduce of every
-    rank's sums decides for all. Each test slows one path down (a sleep) so the choice is known."""
+    rank's sums decides for all. Each test makes one path slower in the probe's clock (planted
+    times, not sleeps: a busy machine cannot flip the choice), so the choice is known."""
 
     @staticmethod
     def slow(monkeypatch, path, ranks=(0, 1), seconds=0.05):
-        from qoda_hvd.comm.exchange import LayerwiseExchange
+        from qoda_hvd.comm.decision import AgreedChoice
 
-        name = {"quantized": "_send_quantized", "fp32": "_send_fp32"}[path]
-        original = getattr(LayerwiseExchange, name)
+        slowed = {"quantized": 0, "fp32": 1}[path]
+        original = AgreedChoice.record
 
-        def slowed(self):
-            if self.comm.rank in ranks:
-                time.sleep(seconds)
-            return original(self)
+        def record(self, _measured, comm):
+            option = self.schedule[min(self.calls, len(self.schedule) - 1)][0]
+            planted = 0.01 + (seconds if option == slowed and comm.rank in ranks else 0.0)
+            return original(self, planted, comm)
 
-        monkeypatch.setattr(LayerwiseExchange, name, slowed)
+        monkeypatch.setattr(AgreedChoice, "record", record)
 
     @staticmethod
     def build(comm, fallback=True):
