@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything qoda_hvd needs, idempotently: system OpenMPI, a virtual environment, torch,
 # Horovod 0.28.1 (built from the PyPI sdist with upstream's C++17 fix, wheel cached outside the
-# repo), mpi4py on the system MPI, and qoda_hvd itself (editable, with its test extra).
+# repo), mpi4py on the system MPI, qoda_hvd itself (editable, with its test and examples extras),
+# and qoda_hvd's CPU codec kernels compiled into numba's cache.
 #
 # A second run with everything in place finishes in seconds: each step checks the real state
 # (an import, a version) before it does anything.
@@ -11,6 +12,9 @@
 #   apt (Open MPI)      || venv -> torch, and the Horovod sdist download
 #   Horovod build (CPU) || mpi4py (PyPI's binary wheel, checked on the system MPI with a 2-rank
 #                          job; built from source only if that fails) -> qoda_hvd (editable)
+#   then: Horovod's wheel into the venv -> the codec kernels compiled
+# Only one pip at a time writes the venv: the Horovod build writes its wheel to the cache, not
+# the venv, so it runs beside the mpi4py/qoda_hvd installs; its wheel is installed after them.
 #
 # Environment knobs (all optional):
 #   VENV=.venv                    where the virtual environment lives
@@ -24,6 +28,9 @@
 #   QODA_HOROVOD_GPU=auto|nccl|none  NCCL operations when CUDA and NCCL are present (auto)
 #   QODA_MPI4PY_SOURCE=1          build mpi4py from source against the system MPI instead of
 #                                 trying PyPI's binary wheel first
+#   QODA_EXTRAS=test,examples     qoda_hvd's extras: test (pytest, Triton's interpreter) and
+#                                 examples (matplotlib, scikit-learn: the plots, tables and digits
+#                                 of examples/ and bench/); QODA_EXTRAS=test leaves out the latter
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
@@ -37,6 +44,7 @@ PYTHON=${PYTHON:-python3}
 QODA_TORCH_SPEC=${QODA_TORCH_SPEC:-torch==2.13.0}
 QODA_WHEEL_CACHE=${QODA_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/qoda_hvd/wheels}
 QODA_HOROVOD_GPU=${QODA_HOROVOD_GPU:-auto}
+QODA_EXTRAS=${QODA_EXTRAS-test,examples}
 JOBS=$(nproc 2>/dev/null || echo 2)
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
@@ -234,7 +242,8 @@ install_mpi4py() {
   echo "mpi4py_seconds $((SECONDS - s))"
 }
 STAMP="$VENV/.qoda_hvd-installed"
-SIG=$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" 2>/dev/null | sha256sum | cut -c1-16)
+SIG=$( { cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" 2>/dev/null; echo "extras $QODA_EXTRAS"; } \
+      | sha256sum | cut -c1-16)
 # find_spec, not an import: importing qoda_hvd imports torch (seconds), and this runs every time.
 qoda_needed() {
   [ "$(cat "$STAMP" 2>/dev/null)" != "$SIG:$ROOT" ] \
@@ -242,9 +251,16 @@ qoda_needed() {
 }
 install_qoda() {
   local s=$SECONDS
-  "${PIP[@]}" install -q --no-build-isolation -e "$ROOT[test]"
+  "${PIP[@]}" install -q --no-build-isolation -e "$ROOT${QODA_EXTRAS:+[$QODA_EXTRAS]}"
   echo "qoda_seconds $((SECONDS - s))"
 }
+HOROVOD_OK=0
+horovod_ok && HOROVOD_OK=1
+# Horovod's runtime dependencies go in before the steps alongside start: from then on the only
+# pip writing the venv is theirs (two pips in one venv can leave it inconsistent).
+if [ "$HOROVOD_OK" = 0 ]; then
+  "${PIP[@]}" install -q cloudpickle psutil pyyaml packaging cffi
+fi
 SIDE_PID=""
 QODA_DONE=0
 side_steps() {
@@ -260,10 +276,10 @@ fi
 
 # --- 6. Horovod -------------------------------------------------------------------------------
 s=$SECONDS
-if horovod_ok; then
+HOROVOD_WHEEL=""
+if [ "$HOROVOD_OK" = 1 ]; then
   say "Horovod $HOROVOD_VERSION already installed"
 else
-  "${PIP[@]}" install -q cloudpickle psutil pyyaml packaging cffi
   CUDA_TAG=cpu
   TORCH_CUDA=$("$PY" -c 'import torch; print(torch.version.cuda or "")')
   GPU_OPS=""
@@ -314,7 +330,21 @@ else
   else
     say "using cached Horovod wheel $WHEEL"
   fi
-  "${PIP[@]}" install -q --force-reinstall --no-deps "$WHEEL"
+  HOROVOD_WHEEL=$WHEEL
+fi
+HOROVOD_SECONDS=$((SECONDS - s))
+
+# The steps alongside end before Horovod's wheel goes into the venv (one pip at a time).
+if [ -n "$SIDE_PID" ]; then
+  [ -n "$HOROVOD_WHEEL" ] && say "waiting for the mpi4py / qoda_hvd installs before installing Horovod's wheel"
+  wait_step "mpi4py / qoda_hvd install" "$SIDE_PID" "$WORK/side.log"
+  { grep '^mpi4py: ' "$WORK/side.log" || true; } | while IFS= read -r line; do say "$line"; done
+  v=$(awk '/^mpi4py_seconds/{print $2}' "$WORK/side.log"); [ -n "$v" ] && took mpi4py "$v"
+  v=$(awk '/^qoda_seconds/{print $2}' "$WORK/side.log"); [ -n "$v" ] && { took qoda_hvd "$v"; QODA_DONE=1; }
+fi
+s=$SECONDS
+if [ -n "$HOROVOD_WHEEL" ]; then
+  "${PIP[@]}" install -q --force-reinstall --no-deps "$HOROVOD_WHEEL"
   horovod_ok || die "Horovod installed but 'import horovod.torch' fails or lacks MPI/Gloo"
   CHECK=$("$VENV/bin/horovodrun" --check-build)
   printf '%s\n' "$CHECK" | grep -q '\[X\] PyTorch' || die "horovodrun --check-build shows no PyTorch:
@@ -325,14 +355,8 @@ $CHECK"
 $CHECK"
   say "Horovod $HOROVOD_VERSION: horovodrun --check-build shows PyTorch, MPI and Gloo"
 fi
-took Horovod $((SECONDS - s))
+took Horovod $((HOROVOD_SECONDS + SECONDS - s))
 
-if [ -n "$SIDE_PID" ]; then
-  wait_step "mpi4py / qoda_hvd install" "$SIDE_PID" "$WORK/side.log"
-  { grep '^mpi4py: ' "$WORK/side.log" || true; } | while IFS= read -r line; do say "$line"; done
-  v=$(awk '/^mpi4py_seconds/{print $2}' "$WORK/side.log"); [ -n "$v" ] && took mpi4py "$v"
-  v=$(awk '/^qoda_seconds/{print $2}' "$WORK/side.log"); [ -n "$v" ] && { took qoda_hvd "$v"; QODA_DONE=1; }
-fi
 M_LIB=$(mpi4py_library || true)
 printf '%s' "$M_LIB" | grep -q "$MPI_IMPL" || die "mpi4py does not load the system $MPI_IMPL (${M_LIB:-not importable})"
 say "mpi4py $M_LIB"
@@ -344,6 +368,33 @@ if [ "$QODA_DONE" = 0 ] && qoda_needed; then
   install_qoda >/dev/null
   took qoda_hvd $((SECONDS - s))
 fi
+
+# --- 8. the CPU codec kernels, compiled into numba's cache -------------------------------------
+# Without this a first run's first quantized step compiles them (15-20 s, measured in a first
+# `make demo`). numba keys its cache by the kernels' sources (path, mtime, size), its version and
+# Python's; so is this step's stamp, which also names the cache directories it must find filled.
+KSTAMP="$VENV/.qoda_hvd-kernels"
+KSIG=$( { stat -c '%n %Y %s' "$ROOT/qoda_hvd/kernels/cpu.py" "$ROOT/qoda_hvd/coding/rans.py"
+          ls -d "$VENV"/lib/python*/site-packages/numba-*.dist-info 2>/dev/null || true
+          echo "${NUMBA_CACHE_DIR:-}"; } | sha256sum | cut -c1-16)
+kernels_cached() {
+  [ "$(head -n 1 "$KSTAMP" 2>/dev/null)" = "$KSIG" ] || return 1
+  local dirs d
+  dirs=$(sed -n 2p "$KSTAMP")
+  [ -n "$dirs" ] || return 1
+  IFS=: read -r -a d <<<"$dirs"
+  for dir in "${d[@]}"; do ls "$dir"/*.nbi >/dev/null 2>&1 || return 1; done
+}
+if ! kernels_cached; then
+  s=$SECONDS
+  say "compiling qoda_hvd's CPU codec kernels into numba's cache (once; a first run would do it in its first step)"
+  out=$("$PY" -c 'from qoda_hvd.demo import compile_kernels; print(compile_kernels())' 2>"$WORK/kernels.log") \
+    || { cat "$WORK/kernels.log" >&2; die "compiling the codec kernels failed (log above)"; }
+  printf '%s\n%s\n' "$KSIG" "$(printf '%s\n' "$out" | tail -n 1)" >"$KSTAMP"
+  took kernels $((SECONDS - s))
+  say "kernels compiled ($((SECONDS - s)) s), cached in $(printf '%s\n' "$out" | tail -n 1 | tr ':' ' ')"
+fi
+
 # Written last: its presence says the whole stack is in place.
 echo "$SIG:$ROOT" >"$STAMP"
 summary=""
