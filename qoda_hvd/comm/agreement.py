@@ -3,61 +3,61 @@
 A setting read from each rank's own environment (``QODA_EXCHANGE``, ``HOROVOD_FUSION_THRESHOLD``)
 or state restored per rank (a probe's outcome, the step) decides which collectives a rank runs.
 If two ranks differ, one waits in a collective the other never starts: a stall. So an exchange
-folds every such setting into a small vector that rides along one allreduce at its first call
-(the level agreement's when there is one): each setting as a 20-bit hash ``h`` and its square.
-Summed over K ranks (exact in float64 for K < 2^12), ``K * sum(h^2) == sum(h)^2`` holds,
-in integer arithmetic, if and only if every rank sent the same ``h``; otherwise every rank,
-holding the same sums, raises the same error naming the settings that differ.
+digests every such setting (8 bytes of BLAKE2b each) and, at its first call in a process,
+allgathers the digests in ONE set-up collective (:meth:`~qoda_hvd.comm.base.Communicator.agree`,
+counted apart from the per-step collectives). Every rank then holds every rank's digests, so
+every rank takes the same branch: on, or the same ``ValueError`` naming the settings and the
+ranks that differ.
 """
 from __future__ import annotations
 
-import zlib
-from typing import Any, Mapping
+import hashlib
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["settings_vector", "check_agreed"]
-
-_BITS = 20
+__all__ = ["check_agreed", "settings_digest"]
 
 
-def _hash(value: Any) -> int:
-    return zlib.crc32(repr(value).encode()) & ((1 << _BITS) - 1)
-
-
-def settings_vector(settings: Mapping[str, Any]) -> torch.Tensor:
-    """``[h_1..h_n, h_1^2..h_n^2]`` (float64) of the settings, in key order.
+def settings_digest(settings: Mapping[str, Any]) -> torch.Tensor:
+    """8 bytes per setting (in key order), as one uint8 tensor.
 
     Example::
 
-        >>> settings_vector({"exchange": "allgather"}).shape
-        torch.Size([2])
+        >>> settings_digest({"exchange": "allgather", "bucket_cap_bytes": 1024}).shape
+        torch.Size([16])
     """
-    h = torch.tensor([_hash(settings[k]) for k in settings], dtype=torch.float64)
-    return torch.cat([h, h * h])
+    raw = b"".join(hashlib.blake2b(repr(settings[k]).encode(), digest_size=8).digest()
+                   for k in settings)
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy())
 
 
-def check_agreed(total: torch.Tensor, size: int, settings: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` (on every rank alike) unless the summed :func:`settings_vector` of
-    ``size`` ranks says that all of them sent the same settings.
+def check_agreed(gathered: Sequence[torch.Tensor], settings: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` (on every rank alike: every rank holds the same ``gathered``) unless
+    every rank's :func:`settings_digest` equals rank 0's.
 
     Example::
 
         >>> s = {"exchange": "allgather", "bucket_cap_bytes": 1024}
-        >>> check_agreed(2 * settings_vector(s), 2, s)          # two ranks, the same
-        >>> other = settings_vector({"exchange": "scatter_gather", "bucket_cap_bytes": 1024})
-        >>> check_agreed(settings_vector(s) + other, 2, s)
+        >>> check_agreed([settings_digest(s)] * 2, s)                  # two ranks, the same
+        >>> other = settings_digest({"exchange": "scatter_gather", "bucket_cap_bytes": 1024})
+        >>> check_agreed([settings_digest(s), other], s)
         Traceback (most recent call last):
         ...
-        ValueError: the ranks disagree on exchange (this rank: 'allgather'): ...
+        ValueError: the ranks disagree on exchange (this rank: 'allgather'; rank(s) 1 differ from rank 0): ...
     """
-    n = len(settings)
-    sums, squares = total[:n], total[n:2 * n]
-    # the sums are exact integers in float64; compared as Python integers, exactly
-    differ = [k for i, k in enumerate(settings)
-              if int(squares[i]) * size != int(sums[i]) ** 2]
+    keys = list(settings)
+    rows = [g.reshape(-1).numpy().reshape(-1, 8) if g.numel() == 8 * len(keys) else None
+            for g in gathered]
+    differ: dict[str, list[int]] = {}
+    for rank, row in enumerate(rows[1:], start=1):
+        for i, key in enumerate(keys):
+            if row is None or rows[0] is None or not np.array_equal(row[i], rows[0][i]):
+                differ.setdefault(key, []).append(rank)
     if differ:
-        shown = ", ".join(f"{k} (this rank: {settings[k]!r})" for k in differ)
+        shown = ", ".join(f"{k} (this rank: {settings[k]!r}; rank(s) "
+                          f"{', '.join(map(str, r))} differ from rank 0)" for k, r in differ.items())
         raise ValueError(
             f"the ranks disagree on {shown}: settings that shape the collectives must be the "
             "same on every rank (set the same arguments and environment variables, e.g. "

@@ -21,8 +21,8 @@ across ranks, and counts what it did in :class:`ExchangeStats`.
     possible, overlapped and one-block iterations are timed in turn (pairs, so the two calls of
     an extra-gradient iteration share a mode) and every rank keeps the faster.
 
-  Every setting that shapes its collectives is agreed at the first call in this process
-  (:mod:`~qoda_hvd.comm.agreement`), and all of its state (step, levels, both decisions) is in
+  Every setting that shapes its collectives is agreed at the first call in this process, in
+  one set-up collective (:mod:`~qoda_hvd.comm.agreement`), and all of its state (step, levels, both decisions) is in
   :meth:`LayerwiseExchange.state_dict`, restored identically on every rank.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from qoda_hvd.comm.agreement import check_agreed, settings_vector
+from qoda_hvd.comm.agreement import check_agreed, settings_digest
 from qoda_hvd.comm.autotype import AutoTypedExchange
 from qoda_hvd.comm.base import Communicator
 from qoda_hvd.comm.codec import LayerwiseCodec
@@ -331,22 +331,13 @@ class LayerwiseExchange:
     def _divisor(self) -> Optional[int]:
         return self.comm.size if self.average else None
 
-    def _agree_settings(self, levels: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """At the first call in this process: the settings vector rides along ``levels`` (the
-        level agreement's histograms) or, without one, goes in one allreduce of its own.
-        Returns the summed ``levels``."""
-        if self._agreed:
-            return None if levels is None else self.comm.allreduce_sum(levels)
-        settings = self.settings()
-        vec = settings_vector(settings)
-        if levels is None:
-            total = self.comm.allreduce_sum(vec)
-        else:
-            both = self.comm.allreduce_sum(torch.cat([levels, vec]))
-            levels, total = both[:levels.numel()], both[levels.numel():]
-        check_agreed(total, self.comm.size, settings)
-        self._agreed = True
-        return levels
+    def _agree_settings(self) -> None:
+        """At the first call in this process: every rank's settings in ONE set-up allgather
+        (:mod:`~qoda_hvd.comm.agreement`); the same error on every rank if they differ."""
+        if not self._agreed:
+            settings = self.settings()
+            check_agreed(self.comm.agree(settings_digest(settings)), settings)
+            self._agreed = True
 
     # -- overlap with backward --------------------------------------------------------
 
@@ -409,7 +400,7 @@ class LayerwiseExchange:
         for tid in range(self.num_types):
             if buffers[tid].numel():
                 self.lq.observe(tid, buffers[tid])
-        aggregate = self._agree_settings(self.lq.histograms())
+        aggregate = self.comm.allreduce_sum(self.lq.histograms())
         # All ranks see the same aggregate, so they take the same branch: gradients that were
         # all zero (e.g. the zero-grad step of hvd.broadcast_optimizer_state) say nothing about
         # the levels, and the update moves to the next step instead of being spent.
@@ -419,12 +410,11 @@ class LayerwiseExchange:
             self.stats.level_updates += 1
 
     def _send_quantized(self) -> None:
+        self._agree_settings()
         buffers = self.fused.gather()
         typed, raw = buffers[:-1], buffers[-1]
         if self.lq.should_update(self.step) or self._update_deferred:
             self._agree_levels(typed)
-        else:
-            self._agree_settings()
         REDUCTIONS[self.strategy](self.codec, self.comm, typed, raw, self.stats, self._divisor())
         self.fused.scatter()
         self.stats.exchanges += 1
