@@ -420,7 +420,8 @@ class Method:
                 return {"ddp_numel": st.stats.numel_after}
             h = st.stats  # the layer-wise hook: its payloads and phases
             return {"enc_bytes": h.payload_bytes, "coords": h.coordinates,
-                    "qenc": h.quantize_s + h.encode_s, "exch": h.exchange_s, "dec": h.decode_s,
+                    "qenc": h.quantize_s + h.encode_s, "exch": h.lengths_s + h.exchange_s,
+                    "dec": h.decode_s,
                     "sent": h.payload_bytes, "recv": h.bytes_received,
                     "strategy": "ddp layerwise_hook"}
         if self.kind != "qoda":

@@ -63,8 +63,9 @@ class HookStats:
             longest of their bucket, and the 8-byte lengths.
         plain_coordinates: coordinates sent as a plain float32 allreduce.
         level_updates: level agreements (each one small allreduce).
-        quantize_s, encode_s, exchange_s, decode_s: seconds in each phase (the worker's and the
-            collective's clocks; exchange_s runs from starting the payloads' gather to its end).
+        quantize_s, encode_s, lengths_s, exchange_s, decode_s: seconds in each phase (the
+            worker's and the collective's clocks; lengths_s is the blocking round of the
+            payloads' lengths, exchange_s runs from starting the payloads' gather to its end).
     """
 
     steps: int = 0
@@ -77,6 +78,7 @@ class HookStats:
     level_updates: int = 0
     quantize_s: float = 0.0
     encode_s: float = 0.0
+    lengths_s: float = 0.0
     exchange_s: float = 0.0
     decode_s: float = 0.0
 
@@ -316,6 +318,8 @@ class LayerwiseHookState(HookStateBase):
         send[:n].copy_(payload)
         recv = torch.empty(k * m, dtype=torch.uint8, device=dev)
         t3 = time.perf_counter()
+        with self._stats_lock:
+            self.stats.lengths_s += t3 - t2
         work = _all_gather_tensor(recv, send, group=self.group, async_op=True)
         wire = (k - 1) * (m + 8)
 
