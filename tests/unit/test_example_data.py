@@ -165,3 +165,31 @@ def test_synthetic_sets_are_deterministic_and_shaped():
     assert text == data.synthetic_text(50, torch.Generator().manual_seed(0))
     assert text.count(" .") == 50 and " = " in text
     assert len(data.build_vocabulary(text, "word")) < 60  # a small grammar: learnable
+
+
+def test_stdlib_split_by_file_is_deterministic_and_disjoint():
+    root, files = data.stdlib_files()
+    assert files and all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
+    held = [f for f in files if data.is_validation(f.relative_to(root).as_posix())]
+    assert 0.05 < len(held) / len(files) < 0.15  # about a tenth of the files
+    train, valid, desc = data.load_stdlib_bytes(200_000, 50_000)
+    assert train.dtype == torch.uint8 and train.numel() >= 200_000 and valid.numel() >= 50_000
+    again = data.load_stdlib_bytes(200_000, 50_000)
+    assert torch.equal(train, again[0]) and torch.equal(valid, again[1]) and desc == again[2]
+    # Files in sorted order, each followed by a newline; the held-out ones only in validation.
+    first_valid = held[0].read_bytes() + b"\n"
+    assert bytes(valid[:len(first_valid)].tolist()) == first_valid
+    first_train = next(f for f in files if f not in held).read_bytes() + b"\n"
+    assert bytes(train[:len(first_train)].tolist()) == first_train
+    text_train, text_valid, text_desc = data.read_stdlib_text(200_000, 50_000)
+    assert text_desc == desc
+    assert text_train == bytes(train.tolist()).decode("utf-8", errors="replace")
+    with pytest.raises(ValueError, match="max_train and max_valid"):
+        data.load_stdlib_bytes(0, 10)
+
+
+def test_sample_images_takes_float_images_as_they_are():
+    images = torch.linspace(-1, 1, 4 * 64).reshape(4, 1, 8, 8)
+    x = data.sample_images(images, 16, torch.Generator().manual_seed(0))
+    assert x.shape == (16, 1, 8, 8) and x.dtype == torch.float32
+    assert all(any(torch.equal(row, im) for im in images) for row in x)  # drawn, not rescaled
