@@ -15,6 +15,9 @@ same process on the same gradient, the kernels' passes and ``memcpy`` of the sam
 The goal (issue 24): the per-step codec (quantize + encode + decode, and the whole
 ``synchronize()`` minus the collective) <= 2x the kernels' sum and <= 4x memcpy.
 
+Each rank times the kernels and a memcpy of its own gradient right before each step, so every
+ratio compares figures of the same moment (the medians are over those per-step ratios).
+
 Run::
 
     .venv/bin/python bench/bench_step.py --quick     # ~1 minute
@@ -58,10 +61,13 @@ def gradients(model, vocab: int, seq: int, seed: int) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def run_exchange(size: int, quick: bool, repeats: int) -> list[dict]:
-    """Per rank, per repeat: the seconds of synchronize() and of each phase."""
+def run_exchange(size: int, quick: bool, repeats: int) -> list[list[dict]]:
+    """Per rank, per repeat: ns per coordinate of synchronize() and of each phase, and of the
+    kernels and memcpy timed by that rank on its own gradient right before that step (the same
+    moment's load: on a shared machine only such side-by-side ratios mean something)."""
     import qoda_hvd
     from qoda_hvd.comm import LocalGroup
+    from qoda_hvd.kernels import cpu, stream_key
 
     group = LocalGroup(size, timeout=600)
     out: list = [None] * size
@@ -72,26 +78,42 @@ def run_exchange(size: int, quick: bool, repeats: int) -> list[dict]:
             torch.set_num_threads(1)
             model, vocab, seq = lm(quick)
             grads = gradients(model, vocab, seq, seed=r)
+            flat = torch.cat([g.reshape(-1) for g in grads]).contiguous()
+            n, x, dst = flat.numel(), flat.numpy(), torch.empty_like(flat)
             opt = qoda_hvd.DistributedOptimizer(
                 torch.optim.SGD(model.parameters(), lr=0.0), model.named_parameters(),
                 compression=qoda_hvd.Compression.layerwise(bits=4, types=model),
                 communicator=group[r], overlap=False)
             ex = opt._exchange
-            times = []
+            rows = []
             for i in range(repeats + 3):  # 3 warm-up steps: compile, level update, agreement
+                # the kernels on this rank's gradient with the exchange's levels (type 0's)
+                table = ex.codec.table(ex.lq.quantizer(0).levels)
+                key = stream_key(0, r, i)
+                t0 = time.perf_counter()
+                dst.copy_(flat)
+                t1 = time.perf_counter()
+                packed, norms, _ = cpu.quantize_pack(x, table, 1024, "l2", key, threads=1)
+                t2 = time.perf_counter()
+                cpu.dequantize_into(packed, norms, table, 1024, dst.numpy(), accumulate=True,
+                                    threads=1)
+                t3 = time.perf_counter()
                 fresh = [g.clone() for g in grads]  # as autograd hands over new tensors
                 for p, g in zip(model.parameters(), fresh):
                     p.grad = g
                 before = ex.stats.as_dict()
-                t0 = time.perf_counter()
+                t4 = time.perf_counter()
                 opt.synchronize()
-                wall = time.perf_counter() - t0
+                wall = time.perf_counter() - t4
                 after = ex.stats.as_dict()
                 with opt.skip_synchronize():
                     opt.step()
                 if i >= 3:
-                    times.append(dict(sync_s=wall, **{k: after[k] - before[k] for k in PHASES}))
-            out[r] = times
+                    ns = 1e9 / n
+                    rows.append(dict(memcpy=(t1 - t0) * ns, kernel_quantize=(t2 - t1) * ns,
+                                     kernel_decode=(t3 - t2) * ns, sync=wall * ns,
+                                     **{k[:-2]: (after[k] - before[k]) * ns for k in PHASES}))
+            out[r] = rows
         except BaseException as e:  # re-raised in the main thread
             errors.append(e)
 
@@ -108,63 +130,48 @@ def run_exchange(size: int, quick: bool, repeats: int) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the 3.7M LM")
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    repeats = args.repeats or (5 if args.quick else 5)
     torch.set_num_threads(1)
-
-    from bench_kernels import median_ns
-    from qoda_hvd.kernels import cpu, level_table, stream_key
-    from qoda_hvd.quant import optimal_levels
-
-    model, vocab, seq = lm(args.quick)
-    flat = torch.cat([g.reshape(-1) for g in gradients(model, vocab, seq, 0)]).contiguous()
-    n = flat.numel()
-    dst = torch.empty_like(flat)
-    x = flat.numpy()
-    hist = torch.histc((flat.abs() / flat.abs().max()), bins=256, min=0, max=1).double().numpy()
-    table = level_table(optimal_levels(hist, 8))
-    key = stream_key(0, 0, 0)
-    packed, norms, _ = cpu.quantize_pack(x, table, 1024, "l2", key, threads=1)
-    memcpy = median_ns(lambda: dst.copy_(flat), n, repeats)
-    q_ns = median_ns(lambda: cpu.quantize_pack(x, table, 1024, "l2", key, threads=1,
-                                               out=packed, norms=norms), n, repeats)
-    d_ns = median_ns(lambda: cpu.dequantize_into(packed, norms, table, 1024, dst.numpy(),
-                                                 accumulate=True, threads=1), n, repeats)
 
     rows = []
     for size in (1, 2):
-        per_rank = run_exchange(size, args.quick, repeats)
-        med = {k: statistics.median(max(ranks[i][k] for ranks in per_rank)
-                                    for i in range(repeats)) * 1e9 / n
-               for k in ("sync_s", *PHASES)}
-        codec = med["quantize_s"] + med["encode_s"] + med["decode_s"]
-        kernels = q_ns + size * d_ns  # one quantize + pack, K decodes
-        overhead = med["sync_s"] - med["exchange_s"]
-        rows.append(dict(ranks=size, **{k.replace("_s", "_ns"): v for k, v in med.items()},
-                         codec_ns=codec, sync_minus_collective_ns=overhead, kernels_ns=kernels,
-                         codec_x_kernels=codec / kernels, codec_x_memcpy=codec / memcpy,
-                         sync_minus_collective_x_kernels=overhead / kernels,
-                         sync_minus_collective_x_memcpy=overhead / memcpy))
+        per_rank = run_exchange(size, args.quick, args.repeats)
+        step_rows = []
+        for i in range(args.repeats):
+            # the slower rank's step, with the kernels that rank timed just before it
+            r = max(per_rank, key=lambda rank_rows: rank_rows[i]["sync"])[i]
+            codec = r["quantize"] + r["encode"] + r["decode"]
+            kernels = r["kernel_quantize"] + size * r["kernel_decode"]  # K decodes per step
+            overhead = r["sync"] - r["exchange"]
+            step_rows.append(dict(r, codec=codec, kernels=kernels, sync_minus_collective=overhead,
+                                  codec_x_kernels=codec / kernels, codec_x_memcpy=codec / r["memcpy"],
+                                  overhead_x_kernels=overhead / kernels,
+                                  overhead_x_memcpy=overhead / r["memcpy"]))
+        med = {k: statistics.median(x[k] for x in step_rows) for k in step_rows[0]}
+        rows.append(dict(ranks=size, **med))
 
-    print(f"\n{n:,} coordinates (LM gradient), one thread per rank, median of {repeats} steps "
-          f"(the slower rank's); ns per coordinate per step")
-    print(f"kernels alone: quantize+pack {q_ns:.3f}, unpack+dequantize+accumulate {d_ns:.3f}; "
-          f"memcpy {memcpy:.3f}\n")
-    print(f"{'K':>2s} {'quantize':>9s} {'encode':>7s} {'decode':>7s} {'codec':>7s} "
-          f"{'x kern':>7s} {'x memcpy':>8s} | {'sync-coll':>9s} {'x kern':>7s} {'x memcpy':>8s}")
+    n = 3_685_376 if args.quick else None
+    print(f"\nLM gradient{f' ({n:,} coordinates)' if n else ''}, one thread per rank, default "
+          f"compression; medians over {args.repeats} steps (the slower rank's) of ns per "
+          "coordinate, and of ratios taken within each step")
+    print(f"{'K':>2s} {'memcpy':>7s} {'k.quant':>7s} {'k.dec':>7s} | {'quantize':>8s} {'encode':>7s} "
+          f"{'decode':>7s} {'codec':>7s} {'x kern':>6s} {'x mcpy':>6s} | {'sync-coll':>9s} "
+          f"{'x kern':>6s} {'x mcpy':>6s}")
     for r in rows:
-        print(f"{r['ranks']:2d} {r['quantize_ns']:9.3f} {r['encode_ns']:7.3f} {r['decode_ns']:7.3f} "
-              f"{r['codec_ns']:7.3f} {r['codec_x_kernels']:7.2f} {r['codec_x_memcpy']:8.2f} | "
-              f"{r['sync_minus_collective_ns']:9.3f} {r['sync_minus_collective_x_kernels']:7.2f} "
-              f"{r['sync_minus_collective_x_memcpy']:8.2f}")
-    print("\ncodec = quantize + encode + decode as the exchange counts them; sync-coll = the "
-          "whole synchronize() minus the collective (fusion, hand-back, agreement, Python)")
-    print("goal: codec <= 2x the kernels' sum (one quantize+pack, K decodes) and <= 4x memcpy")
+        print(f"{r['ranks']:2d} {r['memcpy']:7.3f} {r['kernel_quantize']:7.3f} "
+              f"{r['kernel_decode']:7.3f} | {r['quantize']:8.3f} {r['encode']:7.3f} "
+              f"{r['decode']:7.3f} {r['codec']:7.3f} {r['codec_x_kernels']:6.2f} "
+              f"{r['codec_x_memcpy']:6.2f} | {r['sync_minus_collective']:9.3f} "
+              f"{r['overhead_x_kernels']:6.2f} {r['overhead_x_memcpy']:6.2f}")
+    print("\nk.quant / k.dec: the kernels alone (quantize+pack; unpack+dequantize+accumulate), "
+          "timed by the same rank right before each step; codec = quantize + encode + decode as "
+          "the exchange counts them; sync-coll = the whole synchronize() minus the collective "
+          "(fusion, hand-back, agreement, Python); x kern: over one quantize+pack and K decodes")
+    print("goal (issue 24): codec <= 2x the kernels' sum and <= 4x memcpy")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(numel=n, repeats=repeats, memcpy_ns=memcpy,
-                                        quantize_pack_ns=q_ns, dequantize_ns=d_ns, rows=rows),
+    args.out.write_text(json.dumps(dict(quick=args.quick, repeats=args.repeats, rows=rows),
                                    indent=1))
     print(f"wrote {args.out}")
     return 0
