@@ -14,9 +14,13 @@ Per DDP bucket, on the state's worker thread (the hook itself returns a future a
    longest, in ONE ``all_gather_into_tensor`` started asynchronously: the worker goes on with
    the next bucket while it is on the wire;
 5. when it lands, every rank decodes the K payloads in rank order (its own from its packed
-   symbols: the coding is lossless) and adds them up into the scratch, divides by K, and copies
+   symbols: the coding is lossless) and adds them, scaled by 1/K, into the scratch, and copies
    the result into the bucket: the same bytes summed in the same order on every rank, so the
    parameters stay bit-identical.
+
+The codec is :class:`qoda_hvd.comm.codec.LayerwiseCodec`, the Horovod path's (kernels of
+:mod:`qoda_hvd.kernels`, wire format of :mod:`qoda_hvd.coding`, ``coding="auto"`` weighed by
+its :class:`~qoda_hvd.comm.link.LinkModel`).
 
 Levels are re-optimised on the :class:`~qoda_hvd.quant.LayerwiseQuantizer` schedule (steps 0,
 200, 1000, 5000, then every 10000 by default), as on the Horovod path: on such a step the
@@ -36,9 +40,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from qoda_hvd.comm.codec import LayerwiseCodec, add_scaled
+from qoda_hvd.comm.link import LinkModel
 from qoda_hvd.config import LayerwiseConfig
 from qoda_hvd.ddp._base import BucketLayout, CompressionStats, HookStateBase, Job
-from qoda_hvd.ddp._codec import BucketCodec
 from qoda_hvd.quant import LayerTyping, LayerwiseQuantizer
 
 __all__ = ["LayerwiseHookState", "layerwise_hook", "HookStats"]
@@ -126,7 +131,8 @@ class LayerwiseHookState(HookStateBase):
         ValueError: bits must be in [2, 8], got 9
     """
 
-    _TRANSIENT = HookStateBase._TRANSIENT + ("_typing", "_lq", "_codec", "_stats_lock")
+    _TRANSIENT = HookStateBase._TRANSIENT + ("_typing", "_lq", "_codec", "_stats_lock",
+                                             "_decode_lock")
 
     def __init__(self, process_group=None, model=None, *, bits: int = 4, levels: str = "optimal",
                  coding: str = "auto", types: Any = None, bucket_size: int = 1024,
@@ -159,8 +165,11 @@ class LayerwiseHookState(HookStateBase):
         super()._init_transient()
         self._typing: Optional[LayerTyping] = None
         self._lq: Optional[LayerwiseQuantizer] = None
-        self._codec: Optional[BucketCodec] = None
+        self._codec: Optional[LayerwiseCodec] = None
         self._stats_lock = threading.Lock()
+        # decodes of two buckets may land on two collective threads at once: the codec's tally
+        # of invalid symbols is checked once per bucket, so one bucket decodes at a time
+        self._decode_lock = threading.Lock()
 
     # -- typing and levels -------------------------------------------------------------
 
@@ -206,11 +215,12 @@ class LayerwiseHookState(HookStateBase):
         return self._lq
 
     @property
-    def codec(self) -> BucketCodec:
+    def codec(self) -> LayerwiseCodec:
+        """The codec (its noise counters are the hook's own, per bucket: no type offsets)."""
         if self._codec is None:
             cfg = self.config
-            self._codec = BucketCodec(self._lq, self.rank, cfg.seed, cfg.coding, cfg.bandwidth,
-                                      cfg.threads)
+            self._codec = LayerwiseCodec(self._lq, [0] * self._lq.num_types, self.rank, cfg.seed,
+                                         cfg.coding, LinkModel(cfg.bandwidth), cfg.threads)
         return self._codec
 
     # -- the steps ----------------------------------------------------------------------
@@ -293,7 +303,8 @@ class LayerwiseHookState(HookStateBase):
         nt = self._lq.num_types
         base = job.index << _BUCKET_STRIDE_BITS
         tids = [t for t in range(nt) if lay.bounds[t + 1] > lay.bounds[t]]
-        segs = [codec.quantize(t, lay.group(t), base + lay.bounds[t], job.step) for t in tids]
+        codec.step = job.step
+        segs = [codec.quantize(t, lay.group(t), base + lay.bounds[t]) for t in tids]
         raw = lay.group(nt) if lay.bounds[nt + 1] > lay.bounds[nt] else None
         t1 = time.perf_counter()
         payload = codec.encode(segs, raw, k - 1)
@@ -342,30 +353,30 @@ class LayerwiseHookState(HookStateBase):
         work.get_future().then(callback)
 
     def _finish(self, job: Job, tids, segs, own_raw, payloads, t_sent: float, wire: int) -> None:
-        """Decode the K payloads in rank order into the scratch, average, copy into the bucket,
-        complete the bucket's future."""
+        """Decode the K payloads in rank order into the scratch, each scaled by 1/K (the mean),
+        copy the result into the bucket, complete the bucket's future."""
         lay, codec, k, me = job.layout, self.codec, self.size, self.rank
         t0 = time.perf_counter()
         nt = self._lq.num_types
         outs = [lay.group(t) for t in tids]
         raw = lay.group(nt) if own_raw is not None else None
-        for sender, payload in enumerate(payloads):  # rank order on every rank
-            first = sender == 0
-            if sender == me:
-                for seg, out in zip(segs, outs):
-                    codec.dequantize(seg, self._lq.quantizer(seg.type_id).levels, out,
-                                     not first, sender)
-                if raw is not None:
-                    raw.copy_(own_raw) if first else raw.add_(own_raw)
-            else:
-                codec.decode_into(payload, sender, tids, outs, raw, accumulate=not first)
-        if self.average and k > 1:
-            lay.scratch.div_(k)
+        scale = 1.0 / k if self.average else 1.0
+        with self._decode_lock:
+            for sender, payload in enumerate(payloads):  # rank order on every rank
+                first = sender == 0
+                if sender == me:  # lossless coding: our own symbols, not our payload
+                    for seg, out in zip(segs, outs):
+                        codec.dequantize(seg, out, not first, sender, None, scale)
+                    if raw is not None:
+                        add_scaled(raw, own_raw, scale, not first)
+                else:
+                    codec.decode_into(payload, sender, outs, raw, not first, scale)
+            codec.check_decoded()
         lay.scatter()
         t1 = time.perf_counter()
         received = sum(p.numel() for r, p in enumerate(payloads) if r != self.rank)
         if k > 1:
-            codec.observe_link(received, t0 - t_sent)
+            codec.link.observe_link(received, t0 - t_sent)
         with self._stats_lock:
             st = self.stats
             st.buckets += 1
