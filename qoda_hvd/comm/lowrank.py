@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from qoda_hvd.comm.base import Communicator
-from qoda_hvd.comm.exchange import AllreduceExchange, AutoTypedExchange, ExchangeStats
+from qoda_hvd.comm.autotype import AutoTypedExchange
+from qoda_hvd.comm.exchange import AllreduceExchange, ExchangeStats
 from qoda_hvd.config import PowerSGDConfig
 from qoda_hvd.lowrank import LowRankCore, MatrixSpec, candidate_ranks, lgreco_dp, mix_seed
 from qoda_hvd.quant import LayerTyping
@@ -414,18 +415,11 @@ class _AutoTypedPowerSGD:
 
 
 def powersgd_typing(config: PowerSGDConfig, named) -> LayerTyping:
-    """The layer typing of ``config.types`` (rules, a module, or overrides) for ``named``."""
-    from qoda_hvd.quant import classify_named_parameters, classify_parameters
+    """The layer typing of ``config.types`` (rules, a module, or overrides) for ``named``: the
+    layer-wise quantizer's (:func:`qoda_hvd.comm.factory.layer_typing`)."""
+    from qoda_hvd.comm.factory import layer_typing
 
-    types = config.types
-    if isinstance(types, torch.nn.Module):
-        typing = classify_parameters(types, min_numel=config.min_numel)
-        missing = [n for n, _ in named if n not in typing.numels]
-        if missing:
-            raise ValueError(f"types is a module whose parameters do not include {missing[:5]}: "
-                             "pass the model whose named_parameters() you gave")
-        return typing
-    return classify_named_parameters(named, overrides=types, min_numel=config.min_numel)
+    return layer_typing(config.types, config.min_numel, named)
 
 
 def make_powersgd_exchange(config: PowerSGDConfig, named_parameters, communicator: Communicator,
