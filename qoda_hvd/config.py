@@ -20,7 +20,7 @@ QODA_BUCKET_SIZE = "QODA_BUCKET_SIZE"
 QODA_SEED = "QODA_SEED"
 
 #: Exchange strategies of :func:`qoda_hvd.DistributedOptimizer`.
-EXCHANGES = ("auto", "allgather", "scatter_gather")
+EXCHANGES = ("auto", "allgather", "scatter_gather", "hierarchical")
 #: Codecs a payload segment may use (see :mod:`qoda_hvd.coding`).
 CODINGS = ("auto", "ans", "elias", "fixed", "zstd", "rans")
 #: Level families (see :mod:`qoda_hvd.quant.levels`).

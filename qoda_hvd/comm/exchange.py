@@ -147,6 +147,8 @@ class LayerwiseExchange:
         self.lq = quantizer
         self.comm = communicator
         self.strategy = choose_strategy(strategy, communicator.size)
+        #: the reduction of the typed buffers (the two-level exchange puts its own here)
+        self.reduction = REDUCTIONS[self.strategy]
         self.coding = coding
         self.average = average
         self.bandwidth = bandwidth
@@ -415,7 +417,7 @@ class LayerwiseExchange:
         typed, raw = buffers[:-1], buffers[-1]
         if self.lq.should_update(self.step) or self._update_deferred:
             self._agree_levels(typed)
-        REDUCTIONS[self.strategy](self.codec, self.comm, typed, raw, self.stats, self._divisor())
+        self.reduction(self.codec, self.comm, typed, raw, self.stats, self._divisor())
         self.fused.scatter()
         self.stats.exchanges += 1
         self.stats.coordinates += self.fused.numel

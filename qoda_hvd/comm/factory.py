@@ -97,7 +97,9 @@ def make_exchange(compression, named: Sequence[tuple[str, torch.Tensor]], comm: 
         compression: ``Compression.none`` / ``.fp16`` / ``.layerwise(...)`` / a custom one.
         named: the ``(name, parameter)`` pairs to exchange.
         comm: the collectives.
-        exchange: ``"auto"``, ``"allgather"`` or ``"scatter_gather"`` (layer-wise only).
+        exchange: ``"auto"``, ``"allgather"``, ``"scatter_gather"`` or ``"hierarchical"``
+            (layer-wise only; ``"auto"`` and ``"hierarchical"`` read the topology, see
+            :func:`qoda_hvd.comm.hierarchical.plan_exchange`).
         average: divide the sum by the number of ranks.
         overlap, overlap_probe, bucket_cap_mb: the overlapped rounds (layer-wise only; see
             :class:`~qoda_hvd.comm.exchange.LayerwiseExchange`).
@@ -126,17 +128,40 @@ def make_exchange(compression, named: Sequence[tuple[str, torch.Tensor]], comm: 
     from qoda_hvd.quant import LayerwiseQuantizer, num_levels_for_bits
 
     cfg = compression.config
-    strategy = choose_strategy(resolve_exchange(exchange), comm.size)
+    requested, plan = resolve_exchange(exchange), None
+    if requested in ("auto", "hierarchical") and comm.size > 1:
+        # which ranks share a node (one set-up allgather) decides between two levels, flat
+        # and, on one node of GPUs, float32 (see qoda_hvd.comm.hierarchical.plan_exchange)
+        from qoda_hvd.comm.hierarchical import plan_exchange
+
+        plan = plan_exchange(requested, comm, any(p.is_cuda for p in params))
+        if plan.kind == "fp32":
+            plain = AllreduceExchange(params, comm, average)
+            plain.topology_stats = plan.stats
+            return plain
+    two_level = plan is not None and plan.kind == "hierarchical"
+    strategy = "hierarchical" if two_level else choose_strategy(
+        "auto" if requested == "hierarchical" else requested, comm.size)
 
     def build(typing):
         quantizer = LayerwiseQuantizer(typing, bits=cfg.bits, family=cfg.levels,
                                        bucket_size=cfg.bucket_size, norm=cfg.norm,
                                        schedule=cfg.schedule, every=cfg.every,
                                        allocate=cfg.allocate)
-        return LayerwiseExchange(typing, named, quantizer, comm, strategy, cfg.coding, average,
-                                 cfg.seed, cfg.bandwidth, cfg.fallback, cfg.threads,
-                                 overlap=overlap, overlap_probe=overlap_probe,
-                                 bucket_cap_mb=bucket_cap_mb, name=name)
+        if two_level:
+            from qoda_hvd.comm.hierarchical import hierarchical_exchange
+
+            return hierarchical_exchange(plan, typing, named, quantizer, comm, cfg.coding,
+                                         average, cfg.seed, cfg.bandwidth, cfg.fallback,
+                                         cfg.threads, overlap=overlap, overlap_probe=overlap_probe,
+                                         bucket_cap_mb=bucket_cap_mb, name=name)
+        ex = LayerwiseExchange(typing, named, quantizer, comm, strategy, cfg.coding, average,
+                               cfg.seed, cfg.bandwidth, cfg.fallback, cfg.threads,
+                               overlap=overlap, overlap_probe=overlap_probe,
+                               bucket_cap_mb=bucket_cap_mb, name=name)
+        if plan is not None:
+            ex.topology_stats = plan.stats
+        return ex
 
     if cfg.types == "auto":
         return AutoTypedExchange(named, comm, build, num_levels_for_bits(cfg.bits),
