@@ -359,6 +359,9 @@ class EmulatedCluster:
                       for i in range(nodes)]
         self.mpirun = mpirun
         self.netem = False
+        #: Packet loss set by :meth:`impair`, per node (0.0: none).
+        self.loss = [0.0] * nodes
+        self._impaired: set[tuple[str, str]] = set()
         self._workdir: Path | None = None
         self._created: list[str] = []
         self._started = False
@@ -586,6 +589,51 @@ class EmulatedCluster:
             _drain(proc)
             raise
         return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    def impair(self, node: int, loss: float) -> None:
+        """Drop a random fraction ``loss`` of the packets on node ``node``'s link, both ways, from
+        now on, mid-run; ``loss=0`` restores the link (``loss=1``: the link is down).
+
+        What ``tc netem loss`` does, without ``sch_netem`` (many kernels lack it): a classic-BPF
+        ``cls_bpf`` filter on the ``clsact`` egress hook of both ends of the link (the node's
+        ``eth0`` and the switch port ``p<i>``) draws the kernel's per-packet random number
+        (``SKF_AD_RANDOM``) and redirects the packets it picks to an ``ifb`` device that is never
+        up, which drops them. The hook runs before the ``tbf`` shaper, so a dropped packet never
+        took link time; TCP sees a loss and retransmits. Needs ``cls_bpf`` and ``act_mirred``.
+
+        Args:
+            node: the node whose link drops packets, in [0, nodes).
+            loss: fraction of packets dropped in each direction, in [0, 1].
+
+        Example::
+
+            with EmulatedCluster(nodes=2) as cluster:
+                cluster.impair(1, 1.0)   # node 1 unreachable ...
+                time.sleep(3)
+                cluster.impair(1, 0.0)   # ... and back
+        """
+        self._require_started()
+        if not 0 <= node < len(self.nodes):
+            raise ValueError(f"node must be in [0, {len(self.nodes) - 1}], got {node}")
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not 0 <= loss <= 1:
+            raise ValueError(f"loss must be a fraction in [0, 1], got {loss!r}")
+        ends = [(self.nodes[node].namespace, self.nodes[node].interface),
+                (self.switch_namespace, f"p{node}")]
+        for ns, dev in ends:
+            if (ns, dev) not in self._impaired:  # once per end: the hook and the drop device
+                if _run(["ip", "-n", ns, "link", "show", "qdrop"], check=False).returncode:
+                    _run(["ip", "-n", ns, "link", "add", "qdrop", "type", "ifb"])  # stays down
+                _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "clsact"])
+                self._impaired.add((ns, dev))
+            _run(["tc", "-n", ns, "filter", "del", "dev", dev, "egress", "pref", "1"], check=False)
+            if loss > 0:
+                # cBPF: A = random u32; drop (match) if A < loss * 2^32, else no match
+                threshold = min(int(round(loss * 2**32)), 2**32 - 1)
+                prog = ("1,6 0 0 4294967295" if loss >= 1 else
+                        f"4,32 0 0 {0xfffff038},53 1 0 {threshold},6 0 0 4294967295,6 0 0 0")
+                _run(["tc", "-n", ns, "filter", "add", "dev", dev, "egress", "pref", "1", "bpf",
+                      "bytecode", prog, "action", "mirred", "egress", "redirect", "dev", "qdrop"])
+        self.loss[node] = float(loss)
 
     def describe(self) -> str:
         """One line saying what was built."""
