@@ -54,3 +54,29 @@ def test_distributed_suite(launcher, ranks, select, tmp_path):
     assert len(logs) == ranks, f"expected {ranks} rank logs, got {sorted(logs)}"
     for name, text in logs.items():
         assert " passed" in text, f"{name} ran no test:\n{text[-3000:]}"
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
+def test_two_nodes_of_two_ranks_gloo(tmp_path):
+    """4 ranks as 2 "nodes" x 2 on this machine: horovodrun --gloo keys Horovod's node by the
+    host name, so localhost and 127.0.0.1 make two nodes (local_size 2, cross_size 2)."""
+    from qoda_hvd.launcher import _tool, rank_environment
+
+    argv = [_tool("horovodrun"), "--gloo", "-np", "4", "-H", "localhost:2,127.0.0.1:2",
+            sys.executable, str(HERE / "distributed" / "run_rank.py"), str(tmp_path),
+            str(HERE / "distributed" / "test_two_level_ranks.py"), "-x", "-q",
+            "-p", "no:cacheprovider", f"--timeout={TEST_TIMEOUT}", "-rs"]
+    env = rank_environment(dict(os.environ, QODA_EXPECTED_SIZE="4", PYTHONUNBUFFERED="1"))
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=HERE.parent,
+                              timeout=LAUNCH_TIMEOUT)
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out = "timeout", f"{e.stdout or ''}{e.stderr or ''}"
+    logs = {p.name: p.read_text(errors="replace") for p in sorted(tmp_path.glob("rank*.log"))}
+    if rc != 0:
+        shown = "\n".join(f"===== {n} =====\n{t[-4000:]}" for n, t in logs.items())
+        pytest.fail(f"horovodrun --gloo 2x2: exit {rc}\n{out[-3000:]}\n{shown}", pytrace=False)
+    assert len(logs) == 4
+    for name, text in logs.items():
+        assert " passed" in text and " failed" not in text, f"{name}:\n{text[-3000:]}"

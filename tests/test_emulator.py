@@ -260,6 +260,25 @@ def test_two_ranks_per_node_are_local_ranks_and_stay_off_the_link(tmp_path):
 
 
 @needs_namespaces
+@pytest.mark.timeout(400)
+def test_two_level_exchange_on_emulated_two_by_two(tmp_path):
+    """tests/distributed/test_two_level_ranks.py under mpirun on 2 emulated nodes x 2 ranks:
+    Horovod's topology, bit-identical parameters, the inter-node bytes, and mpi4py's groups."""
+    argv = [sys.executable, str(ROOT / "tests" / "distributed" / "run_rank.py"), str(tmp_path),
+            str(ROOT / "tests" / "distributed" / "test_two_level_ranks.py"), "-x", "-q",
+            "-p", "no:cacheprovider", "--timeout=240", "-rs"]
+    env = dict(os.environ, QODA_EXPECTED_SIZE="4", PYTHONUNBUFFERED="1")
+    with EmulatedCluster(nodes=2, ranks_per_node=2, bandwidth="1gbit") as cluster:
+        proc = cluster.run(argv, timeout=360, capture_output=True, text=True, env=env, cwd=ROOT)
+    logs = {p.name: p.read_text(errors="replace") for p in sorted(tmp_path.glob("rank*.log"))}
+    shown = "\n".join(f"===== {n} =====\n{t[-3000:]}" for n, t in logs.items())
+    assert proc.returncode == 0, proc.stderr[-3000:] + shown
+    assert len(logs) == 4, shown
+    for name, text in logs.items():
+        assert "3 passed" in text, f"{name}:\n{text[-3000:]}"
+
+
+@needs_namespaces
 @pytest.mark.timeout(120)
 def test_failures_leave_nothing_behind():
     token = f"qoda-test-{uuid.uuid4().hex}"
