@@ -298,45 +298,50 @@ def aggregate(results: list[dict], seeds: list[int]) -> dict:
 
 def equal_loss_gains(results: list[dict], seeds: list[int], draws: int = 2000) -> dict:
     """For each layer-wise method: its ratio over the interpolated global ratio at its mean
-    loss, with a paired bootstrap over seeds (16th / 50th / 84th percentiles; the share of
-    draws at >= 1.3x counts draws without an interpolation as below)."""
+    loss, on the seeds that it and every global point have (paired), with a paired bootstrap
+    over those seeds (16th / 50th / 84th percentiles; the share of draws at >= 1.3x counts
+    draws without an interpolation as below)."""
     import random
 
-    point = _gains_of(results, seeds)
-    rng = random.Random(0)
-    samples: dict[str, list] = {k: [] for k in point}
-    for _ in range(draws if len(seeds) > 1 else 0):
-        draw = [rng.choice(seeds) for _ in seeds]
-        # The same seeds for every method (paired); a seed drawn twice counts twice.
-        weighted = [dict(r, seed=i) for i, sd in enumerate(draw) for r in results
-                    if r["seed"] == sd]
-        got = _gains_of(weighted, list(range(len(draw))))
-        for k in samples:
-            samples[k].append(got.get(k, (None, "missing"))[0])
+    have: dict[str, set] = {}
+    for r in results:
+        if r["seed"] in seeds:
+            have.setdefault(r["method"], set()).add(r["seed"])
+    globals_ = [k for k in have if parse_method(k)[0] == "global"]
     out = {}
-    for k, (g, where) in point.items():
-        vals = sorted(x for x in samples[k] if x is not None)
+    for k in sorted(have):
+        if parse_method(k)[0] != "layerwise" or len(globals_) < 2:
+            continue
+        paired = sorted(set.intersection(have[k], *(have[g] for g in globals_)))
+        if not paired:
+            continue
+        runs = [r for r in results if r["method"] in globals_ + [k, "fp32"]]
+        g, where = _gain_of(runs, k, paired)
+        rng = random.Random(0)
+        samples = []
+        for _ in range(draws if len(paired) > 1 else 0):
+            draw = [rng.choice(paired) for _ in paired]
+            # The same seeds for every method (paired); a seed drawn twice counts twice.
+            weighted = [dict(r, seed=i) for i, sd in enumerate(draw) for r in runs
+                        if r["seed"] == sd]
+            samples.append(_gain_of(weighted, k, list(range(len(draw))))[0])
+        vals = sorted(x for x in samples if x is not None)
         boot = None
         if vals:
             q = lambda f: vals[min(len(vals) - 1, int(f * len(vals)))]  # noqa: E731
             boot = {"p16": q(0.16), "p50": q(0.5), "p84": q(0.84),
-                    "defined": len(vals) / len(samples[k]),
-                    "share_ge_1_3": sum(x >= 1.3 for x in vals) / len(samples[k])}
-        out[k] = {"gain": g, "where": where, "bootstrap": boot}
+                    "defined": len(vals) / len(samples),
+                    "share_ge_1_3": sum(x >= 1.3 for x in vals) / len(samples)}
+        out[k] = {"gain": g, "where": where, "seeds": paired, "bootstrap": boot}
     return out
 
 
-def _gains_of(results, seeds):
+def _gain_of(results, method: str, seeds) -> tuple[Optional[float], str]:
     s = aggregate(results, seeds)
     curve = [(v["ratio"][0], v["val_loss"][0]) for k, v in s.items()
              if parse_method(k)[0] == "global"]
-    out = {}
-    for k, v in s.items():
-        if parse_method(k)[0] != "layerwise" or len(curve) < 2:
-            continue
-        g, where = global_ratio_at(v["val_loss"][0], curve)
-        out[k] = (v["ratio"][0] / g if g else None, where)
-    return out
+    g, where = global_ratio_at(s[method]["val_loss"][0], curve)
+    return (s[method]["ratio"][0] / g if g else None), where
 
 
 def report(data: dict) -> str:
@@ -377,7 +382,7 @@ def report(data: dict) -> str:
         b = g["bootstrap"]
         band = (f"[{b['p16']:.2f}, {b['p84']:.2f}], >= 1.3x in {100 * b['share_ge_1_3']:.0f}% of "
                 f"draws" if b else "(one seed: no band)")
-        lines.append(f"  {name:<24} {g['gain']:.2f}x {band}")
+        lines.append(f"  {name:<24} {g['gain']:.2f}x {band}  (seeds {g['seeds']})")
     return "\n".join(lines)
 
 
