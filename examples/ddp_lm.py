@@ -14,7 +14,7 @@ communication hooks, chosen by ``--hook``:
 Gloo on CPU, NCCL when ``--device cuda``. Launch (2 local ranks)::
 
     torchrun --nproc-per-node 2 examples/ddp_lm.py --hook layerwise --steps 300
-    torchrun --nproc-per-node 2 examples/ddp_lm.py --hook powersgd --rank 4 --data /data/wikitext-103-raw
+    torchrun --nproc-per-node 2 examples/ddp_lm.py --hook powersgd --rank 4 --data synthetic
 
 ``--checkpoint PATH`` saves the model, the optimizer and the hook state at the end (each rank
 its own file: the hook state holds this rank's error feedback); ``--resume`` continues from it.
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP's bucket cap")
     o = p.add_argument_group("outputs")
     o.add_argument("--log-every", type=int, default=20)
-    o.add_argument("--checkpoint", default=None, help="save here at the end (a rank suffix is added)")
+    o.add_argument("--checkpoint", default=None,
+                   help="save here at the end (a rank suffix is added)")
     o.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     return p
 

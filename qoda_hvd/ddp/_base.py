@@ -112,7 +112,8 @@ class BucketLayout:
             names = [name_of[id(p)] for p in params]
         except KeyError:
             raise RuntimeError("a DDP bucket holds a parameter that is not in the model this "
-                               "hook state was bound to: pass model= the module DDP wraps") from None
+                               "hook state was bound to: pass model= the module DDP wraps"
+                               ) from None
         pieces = buffer.split(sizes) if sizes else []
         members: list[list[int]] = [[] for _ in range(num_groups)]
         for i, (name, p) in enumerate(zip(names, params)):  # once per bucket layout

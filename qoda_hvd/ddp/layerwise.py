@@ -297,7 +297,7 @@ class LayerwiseHookState(HookStateBase):
 
     def _run(self, job: Job) -> None:
         """One bucket (module doc, steps 1-5), on the worker."""
-        lay, codec, k, me = job.layout, self.codec, self.size, self.rank
+        lay, codec, k = job.layout, self.codec, self.size
         t0 = time.perf_counter()
         lay.gather()
         nt = self._lq.num_types

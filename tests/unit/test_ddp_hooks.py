@@ -105,6 +105,10 @@ def sc_identical(rank):
                                                                     bandwidth=1e8,
                                                                     min_numel=256),
                                                  layerwise_hook)),
+        "layerwise_auto": dict(view=True, static=False,
+                               make=lambda m: (LayerwiseHookState(model=m, bits=4, types="auto",
+                                                                  min_numel=256),
+                                               layerwise_hook)),
         "powersgd": dict(view=True, static=True,
                          make=lambda m: (PowerSGDHookState(model=m, rank=2, layerwise=True,
                                                            min_numel=256, every=2),
@@ -125,7 +129,9 @@ def sc_identical(rank):
         dist.all_gather(both, flat)
         out[name] = {"params": both, "trace": list(state.trace),
                      "stats": state.compression_stats().as_dict(),
-                     "ranks": getattr(state, "ranks", None)}
+                     "ranks": getattr(state, "ranks", None),
+                     "types": (list(state.typing.type_names)
+                               if getattr(state, "typing", None) is not None else None)}
         state.close()
     return out
 
@@ -423,7 +429,8 @@ def results(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("variant", ["layerwise", "layerwise_static", "powersgd"])
+@pytest.mark.parametrize("variant", ["layerwise", "layerwise_static", "layerwise_auto",
+                                     "powersgd"])
 def test_parameters_bit_identical_after_training(results, variant):
     for res in results("identical"):
         r = res[variant]
@@ -431,6 +438,12 @@ def test_parameters_bit_identical_after_training(results, variant):
         assert torch.equal(a, b), f"{variant}: parameters differ across ranks"
         assert torch.isfinite(a).all()
         assert r["stats"]["steps"] == 4 and r["stats"]["buckets"] > 4  # several buckets/step
+
+
+def test_auto_types_found_alike(results):
+    """``types="auto"``: found at the first step from ONE allreduce, the same on both ranks."""
+    a, b = (res["layerwise_auto"]["types"] for res in results("identical"))
+    assert a == b and a and all(t.startswith("auto") for t in a)
 
 
 def test_compression_figures(results):
