@@ -403,6 +403,9 @@ def plot(data: dict, path: Path) -> bool:
                  "layerwise": "PowerSGD layer-wise"}[kind] + (f" +{'+'.join(variants)}" if variants else "")
         families.setdefault(label, []).append((s["ratio"], s["val_loss"], rank))
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for label in [k for k in families if k == "fp32"]:  # the reference: a line, not a point
+        (_, (loss, se), _), = families.pop(label)
+        ax.axhline(loss, color="grey", ls="--", lw=1, label=f"fp32 ({loss:.3f} +- {se:.3f})")
     for label, pts in sorted(families.items()):
         pts.sort(key=lambda p: p[0][0])
         xs, xe = [p[0][0] for p in pts], [p[0][1] for p in pts]
@@ -420,9 +423,10 @@ def plot(data: dict, path: Path) -> bool:
     ax.set_ylabel("validation loss (nats/byte)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    seeds = sorted({r["seed"] for r in data["results"]})
-    ax.set_title(f"byte-level LM, 2 ranks, {data['config']['steps']} steps; mean of {len(seeds)} "
-                 f"seeds, bars +-1 s.e.", fontsize=9)
+    counts = sorted({len(s["seeds"]) for s in summary.values()})
+    n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    ax.set_title(f"byte-level LM, 2 ranks, {data['config']['steps']} steps; each point the mean "
+                 f"of {n} seeds, bars +-1 s.e.", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
