@@ -412,15 +412,33 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default bench/results/quality_gan.json; --quick: "
                              "quality_gan_quick.json); plots and grids go next to it")
-    parser.add_argument("--report", type=Path, metavar="JSON",
-                        help="no run: report the runs of a (partial) results file again")
+    parser.add_argument("--report", type=Path, nargs="+", metavar="JSON",
+                        help="no run: report the runs of (partial) results files together, "
+                             "e.g. seeds run as separate jobs (a method and seed counts once)")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(*args.worker)
     if args.report:
-        data = json.loads(args.report.read_text())
-        out = args.out or args.report.with_name(args.report.name.replace(".partial", ""))
+        parts = [json.loads(p.read_text()) for p in args.report]
+        data = dict(parts[0])
+        data["config"] = dict(parts[0]["config"])
+        seen, data["results"] = set(), []
+        for p in parts:
+            mismatch = {k for k in ("steps", "batch", "latent", "width", "lr_adam", "n_fake",
+                                    "n_real", "eval_every") if p["config"].get(k) != data["config"].get(k)}
+            if mismatch:
+                parser.error(f"--report: the files differ in {sorted(mismatch)}")
+            for r in p["results"]:
+                if (r["method"], r["seed"]) not in seen:
+                    seen.add((r["method"], r["seed"]))
+                    data["results"].append(r)
+        data["config"]["seeds"] = sorted({r["seed"] for r in data["results"]})
+        data["config"]["methods"] = [m for m in METHODS
+                                     if any(m in p["config"]["methods"] for p in parts)]
+        if len(parts) > 1:
+            data["merged_from"] = [str(p) for p in args.report]
+        out = args.out or args.report[0].with_name(args.report[0].name.replace(".partial", ""))
         return finish(data, out)
     cfg = dict(MODES["quick" if args.quick else "default"])
     if args.steps is not None:
