@@ -430,9 +430,12 @@ class SubsetCommunicator(Communicator):
         empty = chunks[0].new_empty(0)
         full = [empty] * self.parent.size
         for i, m in enumerate(self.members):
-            full[m] = chunks[i]
+            if i != self.rank:  # this rank's own chunk stays here: no copy through the backend
+                full[m] = chunks[i]
         received = self.parent._alltoall(full)
-        return [received[m] for m in self.members]
+        out = [received[m] for m in self.members]
+        out[self.rank] = chunks[self.rank]
+        return out
 
     def _allgather(self, payload):
         return self._route([payload] * self.size)
