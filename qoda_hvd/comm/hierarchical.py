@@ -44,7 +44,7 @@ from qoda_hvd.comm.base import Communicator, as_bytes, from_bytes
 from qoda_hvd.comm.topology import Topology, node_communicators
 
 __all__ = ["TwoLevelPlan", "TwoLevelReduction", "hierarchical_exchange", "plan_exchange",
-           "shard_bounds"]
+           "shard_bounds", "two_level_allreduce_"]
 
 
 def _bounds(total: int, parts: int) -> list[int]:
@@ -168,6 +168,34 @@ class TwoLevelReduction:
                 values = from_bytes(part, torch.float32).to(self._stage.device)
                 self._copy(self._slices(typed, raw, j), values.split(self.slice_sizes[j]))
         stats.exchange_s += time.perf_counter() - t2
+
+
+def two_level_allreduce_(tensor: torch.Tensor, local: Communicator,
+                         cross: Communicator) -> torch.Tensor:
+    """In-place float sum over all ranks in two levels, as Horovod's hierarchical allreduce:
+    reduce-scatter inside the node, allreduce of each 1/L shard between nodes (all local ranks
+    at once), allgather inside the node. Per node, ``2 (M-1)/M`` of the tensor crosses the
+    inter-node link against ``2 (K-1)/K`` for a ring over all K ranks (e.g. 1.0 vs 1.9 at
+    L = 8, M = 2): for float32 payloads that are summed as they are (PowerSGD's P and Q). The
+    same bits on every rank. Returns ``tensor``.
+
+    Example::
+
+        >>> from qoda_hvd.comm import LocalGroup
+        >>> t = torch.tensor([1.0, 2.0, 3.0])
+        >>> two_level_allreduce_(t, LocalGroup(1)[0], LocalGroup(1)[0]).tolist()
+        [1.0, 2.0, 3.0]
+    """
+    if not tensor.is_contiguous():
+        raise ValueError("two_level_allreduce_ needs a contiguous tensor")
+    flat = tensor.view(-1)
+    b = _bounds(flat.numel(), local.size)
+    shard = local.reduce_scatter_sum([flat[b[j]:b[j + 1]] for j in range(local.size)])
+    if cross.size > 1:
+        cross.allreduce_sum_(shard)
+    for j, part in enumerate(local.allgather(as_bytes(shard))):
+        flat[b[j]:b[j + 1]].copy_(from_bytes(part, tensor.dtype).view(-1).to(tensor.device))
+    return tensor
 
 
 class TwoLevelPlan:

@@ -8,7 +8,7 @@ import torch
 
 from qoda_hvd.comm import LocalGroup
 from qoda_hvd.comm.codec import LayerwiseCodec
-from qoda_hvd.comm.hierarchical import TwoLevelReduction, shard_bounds
+from qoda_hvd.comm.hierarchical import TwoLevelReduction, shard_bounds, two_level_allreduce_
 from qoda_hvd.comm.stats import ExchangeStats
 from qoda_hvd.comm.topology import detect_topology, node_communicators
 from qoda_hvd.quant import LayerTyping, LayerwiseQuantizer
@@ -165,3 +165,19 @@ def test_one_node_is_float32_only():
     for typed, raw, st, cross_collectives in out:
         assert all(torch.equal(a, b) for a, b in zip(typed, total))
         assert st.encoded_bytes == 0 and cross_collectives == 0
+
+
+@pytest.mark.parametrize("L, M", LAYOUTS)
+def test_two_level_allreduce_is_the_sum_on_every_rank(L, M):
+    """The float32 two-level allreduce (for summed payloads such as PowerSGD's P and Q)."""
+    K = L * M
+
+    def fn(r, comm, local, cross):
+        t = torch.arange(11, dtype=torch.float32) * (r + 1)  # 11: divides by no L here
+        two_level_allreduce_(t, local, cross)
+        return t, cross.stats.bytes_sent
+
+    out = run_nodes(L, M, fn)
+    total = torch.arange(11, dtype=torch.float32) * sum(range(1, K + 1))
+    for t, _ in out:
+        assert torch.equal(t, total)
