@@ -168,6 +168,9 @@ class LayerwiseExchange:
                                     communicator.rank, seed, coding, self.link, threads)
         self.rounds = OverlappedRounds(self.fused, self.codec, communicator, self.stats, name,
                                        bucket_cap_mb)
+        limit = getattr(communicator, "limit_payloads", None)
+        if callable(limit):  # lengths from peers bounded by what an honest payload can be
+            limit(self.fused.numel, self.num_types + 1)
         #: Start each bucket's collective from the gradient hooks (see :meth:`grad_ready`).
         self.overlap = bool(overlap)
         #: With ``overlap``: time overlapped and one-block iterations and keep the faster.

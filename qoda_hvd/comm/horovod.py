@@ -85,6 +85,19 @@ class HorovodCommunicator(Communicator):
         data, lengths = hvd.synchronize(handle.state)
         return list(torch.split(data, lengths.tolist()))
 
+    def abandon(self, handle) -> None:
+        """Give up an :meth:`allgather_async` whose round failed: wait for it here and drop its
+        data, so its name may be started again (Horovod refuses a name still in flight). Its
+        error, if any, was the round's and is not raised again. A no-op for a handle already
+        waited for."""
+        if handle.done is not None or handle.state is None:
+            return
+        handle.done = False
+        try:
+            hvd.synchronize(handle.state)
+        except Exception:  # noqa: BLE001 - the round already failed with its own error
+            pass
+
     def _alltoall(self, chunks):
         splits = torch.tensor([c.numel() for c in chunks], dtype=torch.int32)
         data, received = hvd.alltoall(torch.cat(chunks), splits=splits,

@@ -202,10 +202,13 @@ class MPICommunicator(Communicator):
         """Accept from peers only payloads an honest sender of at most ``max_numel``
         coordinates in ``segments`` segments makes (:func:`payload_bytes_bound`): the
         decoder's budget (``decode(max_numel=...)``), applied before the bytes are allocated.
-        The exchange calls it with its model's size; the same value on every rank."""
-        bound = payload_bytes_bound(max_numel, segments)
-        self._check_budget(min(bound, DEFAULT_MAX_PAYLOAD_BYTES))
-        self.max_payload_bytes = min(bound, DEFAULT_MAX_PAYLOAD_BYTES)
+        The exchange calls it with its model's size; the same value on every rank. Several
+        exchanges over one communicator (a GAN's two optimizers) get the largest of their
+        bounds."""
+        bound = min(payload_bytes_bound(max_numel, segments), DEFAULT_MAX_PAYLOAD_BYTES)
+        self._check_budget(bound)
+        self._limits_asked = max(getattr(self, "_limits_asked", 0), bound)
+        self.max_payload_bytes = self._limits_asked
 
     def _check_length(self, length: int, peer: int) -> int:
         if not 0 <= length <= self.max_payload_bytes:

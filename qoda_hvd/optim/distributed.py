@@ -200,20 +200,22 @@ class _DistributedOptimizer(ElasticReforming):
         """
         if not self._ring_checked:
             self._reform_if_needed()
-        if not self._local:
-            densified = self._sparse.densify() if self._sparse else ()
-            factor = self.gradient_predivide_factor
-            if factor != 1.0:  # Horovod's split of the average: 1/f before the sum, f/K after
-                self._scale_grads(1.0 / factor)
-            with self._failing_marks_broken():
-                self._exchange()
-            if factor != 1.0:
-                self._scale_grads(factor)
-            self._sparse.resparsify(densified)  # the optimizer gets sparse gradients again
-        for p in self._passes:
-            self._passes[p] = 0
-        self._synchronized = True
-        self._ring_checked = False
+        try:
+            if not self._local:
+                densified = self._sparse.densify() if self._sparse else ()
+                factor = self.gradient_predivide_factor
+                if factor != 1.0:  # Horovod's split of the average: 1/f before, f/K after
+                    self._scale_grads(1.0 / factor)
+                with self._failing_marks_broken():
+                    self._exchange()
+                if factor != 1.0:
+                    self._scale_grads(factor)
+                self._sparse.resparsify(densified)  # the optimizer gets sparse gradients again
+            self._synchronized = True
+        finally:  # a failed round too: the next backward starts a new one
+            for p in self._passes:
+                self._passes[p] = 0
+            self._ring_checked = False
 
     @contextlib.contextmanager
     def skip_synchronize(self):

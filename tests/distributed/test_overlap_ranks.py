@@ -164,3 +164,47 @@ def test_two_optimizers_in_one_backward_overlap_without_name_clashes(multi, over
     everyone = multi.allgather(got.unsqueeze(0), name=f"overlap.gan.{overlap}")
     for r in range(1, multi.size()):
         assert torch.equal(everyone[0], everyone[r])
+
+
+@pytest.mark.parametrize("backend", ["horovod", "mpi4py"])
+def test_a_failed_overlapped_round_leaves_the_next_one_clean(multi, backend):
+    """Every rank fails the same bucket's start in round 2 (as a NaN gradient would) after
+    other buckets' allgathers started: the round raises on every rank, its started collectives
+    are abandoned, and round 3 reuses their names without "started twice" / name clashes."""
+    communicator = None
+    if backend == "mpi4py":
+        if "OMPI_COMM_WORLD_SIZE" not in os.environ:
+            pytest.skip("mpi4py needs an MPI launcher (horovodrun --gloo starts no MPI job)")
+        from qoda_hvd.comm import MPICommunicator
+
+        communicator = MPICommunicator()
+    model = OddOrder()
+    multi.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = qoda_hvd.DistributedOptimizer(
+        QODA([p for p in model.parameters() if p.requires_grad], lr=0.05),
+        [(n, p) for n, p in model.named_parameters() if p.requires_grad],
+        compression=qoda_hvd.Compression.layerwise(**LAYERWISE), overlap=True, bucket_cap_mb=0.0,
+        communicator=communicator)
+    codec = opt._exchange.codec
+    real = codec.quantize
+    errors = []
+    for step in range(5):
+        if step == 2:  # (steps 0 and 3 update levels: one block; 1, 2, 4 overlap)
+            def boom(tid, *a, **k):
+                if tid == 0:
+                    raise ValueError("tensor contains NaN or Inf values")
+                return real(tid, *a, **k)
+            codec.quantize = boom
+        x, y = batch(multi.rank(), step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        try:
+            opt.step()
+        except ValueError as e:
+            errors.append((step, str(e)))  # and the optimizer takes the next round as usual
+        codec.quantize = real
+    assert [s for s, _ in errors] == [2], errors
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    everyone = multi.allgather(flat.unsqueeze(0), name=f"overlap.failed.{backend}")
+    for r in range(1, multi.size()):
+        assert torch.equal(everyone[0], everyone[r])
