@@ -226,8 +226,9 @@ def _summarise(scenario: str, method: str, log_dir: Path, proc_rc, out: str, inf
 
 
 def run_emulated(scenario: str, method: str, steps: int, *, stop_s: float = 10.0,
-                 timeout: float = JOB_TIMEOUT) -> dict:
-    """One job of ``method`` on 2 emulated nodes with ``scenario``'s fault."""
+                 loss: float | None = None, timeout: float = JOB_TIMEOUT) -> dict:
+    """One job of ``method`` on 2 emulated nodes with ``scenario``'s fault (and, with ``loss``,
+    that fraction of node 1's packets dropped for the whole run on top of it)."""
     import threading
 
     from qoda_hvd.cluster.emulator import EmulatedCluster
@@ -238,7 +239,9 @@ def run_emulated(scenario: str, method: str, steps: int, *, stop_s: float = 10.0
     info: dict = {"stop_s": stop_s} if scenario == "stop" else {}
     with EmulatedCluster(nodes=2, bandwidth="1gbit") as cluster:
         if scenario in ("loss1", "loss5"):
-            cluster.impair(1, 0.01 if scenario == "loss1" else 0.05)
+            loss = 0.01 if scenario == "loss1" else 0.05
+        if loss:
+            cluster.impair(1, loss)
         cmd = cluster.mpirun_command(argv)
         t0 = time.time()
         proc = subprocess.Popen(cmd, env=cluster.environment(), stdout=subprocess.PIPE,

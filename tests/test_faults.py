@@ -11,6 +11,7 @@ loss is ``cls_bpf`` + ``act_mirred`` (not ``sch_netem``, which many kernels lack
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -74,3 +75,17 @@ def test_impair_drops_the_fraction_asked_for_and_restores_the_link():
             cluster.impair(1, 1.5)
         with pytest.raises(ValueError, match="node must be in"):
             cluster.impair(2, 0.1)
+
+
+def test_a_job_on_a_lossy_link_with_a_stopped_rank_finishes_bit_identical():
+    """1% of node 1's packets dropped for the whole run, and rank 1 SIGSTOPped for 2 s mid-run
+    (then SIGCONT): our layer-wise 4-bit optimizer (overlap on) finishes, both ranks
+    bit-identical, and rank 0 waited through the stop (a step of >= 2 s)."""
+    import faults
+
+    row = faults.run_emulated("stop", "ours", 20, stop_s=2.0, loss=0.01, timeout=180)
+    shutil.rmtree(row["log_dir"], ignore_errors=True)
+    assert row["finished"], row
+    assert row["bit_identical"], row
+    assert row["steps_done_rank0"] == 20
+    assert row["longest_step_s"] >= 1.9, row  # the stop really happened while it trained
