@@ -81,6 +81,7 @@ METHOD_LABELS = {
     "qoda_scatter_gather": "(4) QODA layer-wise, scatter_gather",
     "qoda_fallback": "(4) QODA, fallback",
     "qoda_two_level": "(4) QODA layer-wise, two-level",
+    "qoda_two_level_mpi": "(4) QODA two-level, mpi4py",
     "qoda_layerwise": "(4) QODA layer-wise",
     "psgd_global": "(5) QODA PowerSGD, global rank",
     "psgd_layerwise": "(5) QODA PowerSGD, layer-wise ranks",
@@ -348,6 +349,9 @@ def goals(runs: list[dict]) -> list[str]:
                                                        f"overlapped one" if on else ""))
             two = res.get("qoda_two_level")
             flats = [res[k] for k in ("qoda_allgather", "qoda_scatter_gather") if k in res]
+            if two is None or (res.get("qoda_two_level_mpi") and res["qoda_two_level_mpi"][
+                    "step_s"] < two["step_s"]):
+                two = res.get("qoda_two_level_mpi", two)
             if two is not None and flats:
                 # issue 23: <= 0.55x the inter-node bytes of the best flat exchange (measured at
                 # the node's interface when there is one), >= 1.3x its speed at 1 Gbit/s, and
@@ -359,7 +363,7 @@ def goals(runs: list[dict]) -> list[str]:
                 speed = best_t["step_s"] / two["step_s"]
                 ok = share <= 0.55 and (run["bandwidth"] != "1gbit" or (
                     speed >= 1.3 and two["step_s"] < fp32["step_s"]))
-                lines.append(f"  {'':<{len(tag)}} two-level: {share:.2f}x the inter-node bytes "
+                lines.append(f"  {'':<{len(tag)}} {two['method']}: {share:.2f}x the inter-node bytes "
                              f"of {best_b['method']} ({'at the interface' if key == 'wire_tx_bytes' else 'counted'}), "
                              f"{speed:.2f}x the speed of {best_t['method']}, "
                              f"{fp32['step_s'] / two['step_s']:.2f}x vs (1) "

@@ -78,7 +78,7 @@ WGAN_EXAMPLE = ROOT / "examples" / "wgan_gp.py"
 #: Methods of the per-step comparison, in table order.
 STEP_METHODS = ("hvd_fp32", "hvd_fp16", "eg_global", "qoda_allgather", "qoda_overlap",
                 "qoda_overlap_mpi", "qoda_probed", "qoda_scatter_gather", "qoda_fallback",
-                "qoda_two_level")
+                "qoda_two_level", "qoda_two_level_mpi")
 #: Low-rank methods, reported apart (``"lowrank"``); ``ddp_powersgd`` on the LM only.
 LOWRANK_METHODS = ("psgd_global", "psgd_layerwise", "ddp_powersgd")
 #: Warm-up iterations a method needs before its steady state is timed (the fallback's probe;
@@ -381,9 +381,11 @@ class Method:
             exchange = {"qoda_allgather": "allgather", "qoda_overlap": "allgather",
                         "qoda_overlap_mpi": "allgather", "qoda_probed": "allgather",
                         "qoda_scatter_gather": "scatter_gather",
-                        "qoda_two_level": "hierarchical"}.get(name, "auto")
+                        "qoda_two_level": "hierarchical",
+                        "qoda_two_level_mpi": "hierarchical"}.get(name, "auto")
             communicator = None
-            if name == "qoda_overlap_mpi":  # made on every rank in the same order (collective)
+            if name in ("qoda_overlap_mpi", "qoda_two_level_mpi"):  # made on every rank in
+                # the same order (collective); two-level: its groups are MPI_Comm_splits
                 from qoda_hvd.comm import MPICommunicator
 
                 communicator = MPICommunicator()
