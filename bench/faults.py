@@ -26,7 +26,8 @@ Scenarios (faults on node 1's link, both directions, or on rank 1's process):
   tests/test_elastic.py does): the survivors roll back to the last commit and finish.
 
 For each: did the job finish, are the ranks' parameters bit-identical, the slowdown against the
-clean run (the training loop's wall time), the longest step, how long until a failure surfaced
+clean run (rank 0's steady training time: from the end of step 2 to the last step; the elastic
+rows compare whole jobs), the longest step, how long until a failure surfaced
 (the kill: from SIGKILL to the last rank gone and the launcher's exit), and what the user saw.
 The machine is shared: the 1-minute load average is printed beside every figure.
 
@@ -210,6 +211,8 @@ def _summarise(scenario: str, method: str, log_dir: Path, proc_rc, out: str, inf
     row = {"scenario": scenario, "method": method, "finished": finished, "exit_code": proc_rc,
            "bit_identical": (len(digests) == 1 and all(done.values())) if finished else None,
            "train_s": round(done[0]["train_s"], 2) if done[0] else None,
+           # steady part: from the end of step 2 to the last step (the first steps load kernels)
+           "steady_s": round(times[-1] - times[1], 2) if finished and len(times) > 2 else None,
            "longest_step_s": round(max(gaps), 2) if gaps else None,
            "median_step_s": round(sorted(gaps)[len(gaps) // 2], 3) if gaps else None,
            "steps_done_rank0": (max((x["step"] for x in recs[0] if "step" in x), default=-1) + 1),
@@ -409,14 +412,14 @@ def _fmt(x, unit=""):
 
 
 def table(rows: list[dict]) -> str:
-    clean = {r["method"]: r.get("train_s") for r in rows if r["scenario"] == "clean"}
+    clean = {r["method"]: r.get("steady_s") for r in rows if r["scenario"] == "clean"}
     clean_el = next((r["wall_s"] for r in rows if r["scenario"] == "elastic_clean"), None)
     lines = ["| scenario | optimizer | finished | ranks bit-identical | slowdown vs clean | longest "
              "step | failure surfaced after | load (1 min) | what the user saw |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = clean_el if r["scenario"] == "elastic" else clean.get(r["method"])
-        ref = r.get("wall_s") if r["scenario"] == "elastic" else r.get("train_s")
+        ref = r.get("wall_s") if r["scenario"] == "elastic" else r.get("steady_s")
         slow = f"{ref / base:.2f}x" if (base and ref and r.get("finished")
                                         and r["scenario"] not in ("clean", "elastic_clean")) else "-"
         if r["scenario"].startswith("kill"):
@@ -446,12 +449,24 @@ def main(argv=None) -> int:
     parser.add_argument("--stop-seconds", type=float, default=10.0, help="SIGSTOP length")
     parser.add_argument("--elastic-steps", type=int, default=16)
     parser.add_argument("--out", default=str(RESULTS / "faults.json"))
+    parser.add_argument("--table-from", default=None,
+                        help="print the table of an earlier run's JSON (steady times recomputed "
+                             "from its jobs' logs when they are still there) and stop")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--log-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.table_from:
+        rows = json.loads(Path(args.table_from).read_text())["rows"]
+        for r in rows:
+            times = [x["t"] for x in _records(Path(r.get("log_dir", "/nonexistent")), 0)
+                     if "step" in x]
+            if r.get("finished") and r.get("steady_s") is None and len(times) > 2:
+                r["steady_s"] = round(times[-1] - times[1], 2)
+        print(table(rows))
+        return 0
 
     from qoda_hvd.cluster.emulator import emulator_unavailable_reason
 
