@@ -15,6 +15,11 @@
   future callbacks instead (torch's ``powerSGD_hook`` does) lets two buckets' second rounds
   cross between ranks (gloo then aborts: "Received data size doesn't match expected size").
   The hook returns at once; backward goes on while the worker quantizes and exchanges.
+  Those collectives run on a private group of the same ranks (``dist.new_group``, made when the
+  state is made or unpickled, so on every rank at the same point): DDP issues collectives of
+  its own on its group from the autograd thread while buckets are still in flight (the map of
+  used parameters with ``find_unused_parameters=True`` or at ``static_graph``'s first
+  iteration), and two threads issuing on one group would interleave differently on each rank.
 - Steps that need every bucket before any is sent (a level or rank agreement, the types found
   from the first step) stash their buckets; the last bucket's job agrees (one small
   allreduce) and then runs them all, in order.
@@ -173,12 +178,13 @@ class HookStateBase:
 
     #: Attributes that never travel in a pickle (rebuilt on first use).
     _TRANSIENT = ("process_group", "trace", "_model", "_name_of", "_rank_of", "_worker", "_layouts",
-                  "_stash", "_lock", "_group_size", "_group_rank")
+                  "_stash", "_lock", "_group_size", "_group_rank", "_private")
 
     def __init__(self, process_group, model) -> None:
         self.process_group = process_group
         self.step = 0
         self._init_transient()
+        self._make_private()
         if model is not None:
             self.bind(model)
 
@@ -196,6 +202,7 @@ class HookStateBase:
         self._lock = threading.Lock()
         self._group_size: Optional[int] = None
         self._group_rank: Optional[int] = None
+        self._private = None
 
     # -- binding ------------------------------------------------------------------------
 
@@ -217,9 +224,23 @@ class HookStateBase:
 
     # -- the group ----------------------------------------------------------------------
 
+    def _make_private(self) -> None:
+        """The hook's own group over ``process_group``'s ranks (see the module doc). A
+        collective of the default group: every rank makes its states in the same order, as it
+        makes DDP itself. Before ``init_process_group`` it is made at the first hook call."""
+        if self._private is not None or not dist.is_initialized():
+            return
+        base = self.process_group if self.process_group is not None else dist.group.WORLD
+        ranks = (None if self.process_group is None
+                 else dist.get_process_group_ranks(self.process_group))
+        self._private = dist.new_group(ranks=ranks, backend=dist.get_backend(base))
+
     @property
     def group(self):
-        return self.process_group if self.process_group is not None else dist.group.WORLD
+        """The group the hook's collectives run on (private, same ranks as ``process_group``)."""
+        if self._private is None:
+            self._make_private()
+        return self._private
 
     @property
     def size(self) -> int:
@@ -253,6 +274,7 @@ class HookStateBase:
         self.__dict__.update(state)
         self.process_group = None
         self._init_transient()
+        self._make_private()
         self._after_setstate()
 
     def _after_setstate(self) -> None:

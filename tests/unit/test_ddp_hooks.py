@@ -362,8 +362,47 @@ def sc_nan(rank):
     return out
 
 
+class WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.unused, self.b = nn.Linear(64, 128), nn.Linear(64, 64), nn.Linear(128, 16)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def sc_unused(rank):
+    """find_unused_parameters=True: DDP allreduces its map of used parameters from the
+    autograd thread while buckets are in flight; the hooks' own group keeps the two apart."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from qoda_hvd.ddp import (LayerwiseHookState, PowerSGDHookState, layerwise_hook,
+                              powersgd_hook)
+
+    out = {}
+    for name in ("layerwise", "powersgd"):
+        model = _seeded(WithUnused)
+        ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.01)
+        state = (LayerwiseHookState(model=model, min_numel=100) if name == "layerwise"
+                 else PowerSGDHookState(model=model, rank=2, min_numel=100))
+        ddp.register_comm_hook(state, layerwise_hook if name == "layerwise" else powersgd_hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(4):
+            x = torch.randn(8, 64, generator=torch.Generator().manual_seed(10 * rank + step))
+            opt.zero_grad()
+            ddp(x).square().mean().backward()
+            opt.step()
+        flat = _flat_params(model)
+        both = [torch.empty_like(flat) for _ in range(K)]
+        dist.all_gather(both, flat)
+        out[name] = {"params": both, "buckets": state.stats.buckets}
+        state.close()
+    return out
+
+
 SCENARIOS = {f.__name__[3:]: f for f in (sc_identical, sc_exact, sc_unbiased, sc_bytes,
-                                         sc_resume, sc_no_sync, sc_nan)}
+                                         sc_resume, sc_no_sync, sc_nan, sc_unused)}
 
 
 def _entry(rank: int, port: int, out_dir: str) -> None:
@@ -438,6 +477,13 @@ def test_parameters_bit_identical_after_training(results, variant):
         assert torch.equal(a, b), f"{variant}: parameters differ across ranks"
         assert torch.isfinite(a).all()
         assert r["stats"]["steps"] == 4 and r["stats"]["buckets"] > 4  # several buckets/step
+
+
+@pytest.mark.parametrize("hook", ["layerwise", "powersgd"])
+def test_find_unused_parameters(results, hook):
+    for res in results("unused"):
+        a, b = res[hook]["params"]
+        assert torch.equal(a, b) and res[hook]["buckets"] >= 4
 
 
 def test_auto_types_found_alike(results):
