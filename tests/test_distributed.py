@@ -66,7 +66,8 @@ def test_two_nodes_of_two_ranks_gloo(tmp_path):
             sys.executable, str(HERE / "distributed" / "run_rank.py"), str(tmp_path),
             str(HERE / "distributed" / "test_two_level_ranks.py"), "-x", "-q",
             "-p", "no:cacheprovider", f"--timeout={TEST_TIMEOUT}", "-rs"]
-    env = rank_environment(dict(os.environ, QODA_EXPECTED_SIZE="4", PYTHONUNBUFFERED="1"))
+    env = rank_environment(dict(os.environ, QODA_EXPECTED_SIZE="4", PYTHONUNBUFFERED="1",
+                                HOROVOD_DYNAMIC_PROCESS_SETS="1"))  # node groups: process sets
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=HERE.parent,
                               timeout=LAUNCH_TIMEOUT)

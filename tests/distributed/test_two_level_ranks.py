@@ -1,7 +1,9 @@
 """The two-level exchange on real ranks laid out as 2 nodes x 2 ranks.
 
-Launched by tests/test_distributed.py (``horovodrun --gloo -np 4 -H localhost:2,127.0.0.1:2``)
-and tests/test_emulator.py (``mpirun`` on the emulated cluster, 2 nodes x 2 ranks, as root).
+Launched by tests/test_distributed.py (``horovodrun --gloo -np 4 -H localhost:2,127.0.0.1:2``,
+with dynamic process sets: the node groups are Horovod process sets) and tests/test_emulator.py
+(``mpirun`` on the emulated cluster, 2 nodes x 2 ranks, as root: groups over the global
+alltoall).
 Under any other layout (the 2-rank suites) every test here skips, on every rank alike.
 """
 from __future__ import annotations
@@ -69,6 +71,11 @@ def test_auto_runs_two_levels_bit_identical_with_the_expected_bytes(two_by_two):
     st = opt.compression_stats()
     assert st["strategy"] == "hierarchical" and st["exchanges"] == steps
     ex = opt._exchange
+    # the node-local group: a Horovod process set when dynamic process sets are on (the gloo
+    # launch sets HOROVOD_DYNAMIC_PROCESS_SETS=1), else a group over the global alltoall
+    dynamic = os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS", "0") not in ("", "0")
+    assert type(ex.reduction.local).__name__ == ("HorovodCommunicator" if dynamic
+                                                 else "SubsetCommunicator")
     extra = ex.topology_stats()
     # between nodes (M = 2: allgather of each shard's payload to the one peer node): exactly
     # the payloads this rank encoded
