@@ -16,11 +16,15 @@ Scenarios (faults on node 1's link, both directions, or on rank 1's process):
 - ``latency``: 20 ms added latency with 5 ms jitter (``netem delay 20ms 5ms``): needs the
   kernel's ``sch_netem``; reported as not run, with the reason, where the kernel lacks it;
 - ``flap``: the link down for 3 s mid-run (100% loss, then restored);
-- ``stop``: rank 1 stopped with SIGSTOP for 10 s mid-run, then SIGCONT;
+- ``stop``: rank 1 stopped with SIGSTOP for 10 s mid-run, then SIGCONT; the CPU rank 0 burns
+  while it waits, per thread; ``stop_gloo``: the same under ``horovodrun --gloo`` (loopback);
 - ``kill``: rank 1 killed with SIGKILL mid-run (no elastic): every rank must end, non-zero,
   within a bounded time, with a message naming the failure; also under ``horovodrun --gloo``
   (on this machine's loopback: ``horovodrun`` reaches hosts over ssh, which the emulated nodes
   do not run, and a kill needs no shaped link);
+- ``partition``: node 1's link down for good mid-run (a node that vanished without closing its
+  connections): does anything end the job? Run with Horovod's stall inspector set to shut down
+  (:data:`STALL_ENV`); the job timeout bounds the wait otherwise;
 - ``elastic``: the same kill under Horovod Elastic with 3 workers (``horovodrun --gloo
   --min-np 2``, examples/elastic.py with ``ours`` and ``fp32`` side by side, launched as
   tests/test_elastic.py does): the survivors roll back to the last commit and finish.
@@ -55,7 +59,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-SCENARIOS = ("clean", "loss1", "loss5", "latency", "flap", "stop", "kill", "kill_gloo", "elastic")
+SCENARIOS = ("clean", "loss1", "loss5", "latency", "flap", "stop", "stop_gloo", "kill", "kill_gloo",
+             "elastic", "partition")
+#: The partition scenario's Horovod stall settings: a warning after 5 s, shut down after 20 s.
+STALL_ENV = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "5", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "20"}
 METHODS = ("ours", "fp32")
 JOB_TIMEOUT = 420.0      # seconds: a job still running then is reported as hung and killed
 FAULT_AT = 0.4           # the fault starts when rank 1 reaches this fraction of the steps
@@ -143,6 +150,26 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
+def _thread_cpu(pid: int | None) -> dict[str, float]:
+    """CPU seconds of each thread of a process, summed by thread name (``comm``)."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (OSError, TypeError):
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1:text.rindex(")")]
+        fields = text[text.rindex(")") + 1:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf(
+            "SC_CLK_TCK")
+    return out
+
+
 def _cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU seconds of a process (its threads included), from /proc."""
     try:
@@ -179,7 +206,13 @@ def _inject(scenario: str, cluster, log_dir: Path, steps: int, proc: subprocess.
     pid = _pid(log_dir, 1)
     survivor = _pid(log_dir, 0)
     cpu0 = _cpu_seconds(survivor)
-    if scenario == "flap":
+    threads0 = _thread_cpu(survivor)
+    if scenario == "partition":
+        cluster.impair(1, 1.0)
+        while _alive(survivor) and proc.poll() is None:
+            time.sleep(0.1)
+        info["rank0_gone_s"] = round(time.time() - info["fault_t"], 2)
+    elif scenario == "flap":
         cluster.impair(1, 1.0)
         time.sleep(3.0)
         cluster.impair(1, 0.0)
@@ -187,12 +220,21 @@ def _inject(scenario: str, cluster, log_dir: Path, steps: int, proc: subprocess.
         os.kill(pid, signal.SIGSTOP)
         time.sleep(info.get("stop_s", 10.0))
         os.kill(pid, signal.SIGCONT)
-    if scenario in ("flap", "stop") and cpu0 is not None:
+    elif scenario == "stop_gloo":
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(info.get("stop_s", 10.0))
+        os.kill(pid, signal.SIGCONT)
+    if scenario in ("flap", "stop", "stop_gloo") and cpu0 is not None:
         # what rank 0 burnt while it waited (a progress thread spinning on a stopped peer shows)
         cpu1 = _cpu_seconds(survivor)
         if cpu1 is not None:
             info["rank0_cpu_pct_during_fault"] = round(
                 100 * (cpu1 - cpu0) / (time.time() - info["fault_t"]), 1)
+            spent = time.time() - info["fault_t"]
+            threads1 = _thread_cpu(survivor)
+            info["rank0_cpu_pct_by_thread"] = {
+                k: round(100 * (v - threads0.get(k, 0.0)) / spent, 1)
+                for k, v in threads1.items() if v - threads0.get(k, 0.0) > 0.005 * spent}
     elif scenario in ("kill", "kill_gloo"):
         os.kill(pid, signal.SIGKILL)
         while _alive(survivor) and proc.poll() is None:
@@ -218,10 +260,11 @@ def _summarise(scenario: str, method: str, log_dir: Path, proc_rc, out: str, inf
            "steps_done_rank0": (max((x["step"] for x in recs[0] if "step" in x), default=-1) + 1),
            "wall_s": round(t_end - t_start, 1), "load": info.get("load_at_fault", _load()),
            "load_at_end": _load()}
-    for k in ("fault_step", "rank0_gone_s", "stop_s", "rank0_cpu_pct_during_fault"):
+    for k in ("fault_step", "rank0_gone_s", "stop_s", "rank0_cpu_pct_during_fault",
+              "rank0_cpu_pct_by_thread"):
         if k in info:
             row[k] = info[k]
-    if "fault_t" in info and scenario.startswith("kill"):
+    if "fault_t" in info and (scenario.startswith("kill") or scenario == "partition"):
         row["job_end_s"] = round(t_end - info["fault_t"], 2)
     if not finished:
         row["message"] = _message(out)
@@ -245,13 +288,18 @@ def run_emulated(scenario: str, method: str, steps: int, *, stop_s: float = 10.0
             loss = 0.01 if scenario == "loss1" else 0.05
         if loss:
             cluster.impair(1, loss)
-        cmd = cluster.mpirun_command(argv)
+        env = cluster.environment()
+        mpi_args: list[str] = []
+        if scenario == "partition":
+            env.update(STALL_ENV)
+            mpi_args = [w for k in STALL_ENV for w in ("-x", k)]
+        cmd = cluster.mpirun_command(argv, mpi_args=mpi_args)
         t0 = time.time()
-        proc = subprocess.Popen(cmd, env=cluster.environment(), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                                 start_new_session=True)
         injector = None
-        if scenario in ("flap", "stop", "kill"):
+        if scenario in ("flap", "stop", "kill", "partition"):
             injector = threading.Thread(target=_inject, daemon=True,
                                         args=(scenario, cluster, log_dir, steps, proc, info))
             injector.start()
@@ -265,27 +313,30 @@ def run_emulated(scenario: str, method: str, steps: int, *, stop_s: float = 10.0
         t1 = time.time()
         if injector is not None:
             injector.join(timeout=30)
+    (log_dir / "launcher.out").write_text(out or "")
     row = _summarise(scenario, method, log_dir, rc, out or "", info, t0, t1)
     row["log_dir"] = str(log_dir)
     return row
 
 
-def run_kill_gloo(method: str, steps: int, timeout: float = JOB_TIMEOUT) -> dict:
-    """The kill under ``horovodrun --gloo -np 2`` on this machine (loopback)."""
+def run_gloo(scenario: str, method: str, steps: int, *, stop_s: float = 10.0,
+             timeout: float = JOB_TIMEOUT) -> dict:
+    """``kill_gloo`` / ``stop_gloo``: the fault under ``horovodrun --gloo -np 2`` on this
+    machine (loopback)."""
     import threading
 
     from qoda_hvd.launcher import local_command, rank_environment
 
-    log_dir = Path(tempfile.mkdtemp(prefix=f"faults-kill_gloo-{method}-"))
+    log_dir = Path(tempfile.mkdtemp(prefix=f"faults-{scenario}-{method}-"))
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", method,
             "--steps", str(steps), "--log-dir", str(log_dir)]
-    info: dict = {}
+    info: dict = {"stop_s": stop_s} if scenario == "stop_gloo" else {}
     t0 = time.time()
     proc = subprocess.Popen(local_command(2, argv, "gloo"), env=rank_environment(None),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             start_new_session=True)
     injector = threading.Thread(target=_inject, daemon=True,
-                                args=("kill_gloo", None, log_dir, steps, proc, info))
+                                args=(scenario, None, log_dir, steps, proc, info))
     injector.start()
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -296,13 +347,16 @@ def run_kill_gloo(method: str, steps: int, timeout: float = JOB_TIMEOUT) -> dict
         rc = "hung (killed at the job timeout)"
     t1 = time.time()
     injector.join(timeout=30)
-    row = _summarise("kill_gloo", method, log_dir, rc, out or "", info, t0, t1)
+    (log_dir / "launcher.out").write_text(out or "")
+    row = _summarise(scenario, method, log_dir, rc, out or "", info, t0, t1)
     row["log_dir"] = str(log_dir)
     return row
 
 
-def run_elastic(steps: int, kill: bool, timeout: float = JOB_TIMEOUT) -> dict:
-    """examples/elastic.py with ours and fp32 side by side, 3 workers, rank 2 killed (or not)."""
+def run_elastic(steps: int, kill: bool, timeout: float = JOB_TIMEOUT,
+                gloo_timeout: int | None = None) -> dict:
+    """examples/elastic.py with ours and fp32 side by side, 3 workers, rank 2 killed (or not);
+    ``gloo_timeout``: ``horovodrun --gloo-timeout-seconds`` (None: Horovod's default, 30 s)."""
     import torch
 
     hosts = ["localhost", "127.0.0.1", socket.gethostname()]
@@ -314,6 +368,7 @@ def run_elastic(steps: int, kill: bool, timeout: float = JOB_TIMEOUT) -> dict:
     horovodrun = str(Path(sys.executable).parent / "horovodrun")
     commit_every, kill_at = 4, max(5, steps // 2 + 1)
     cmd = [horovodrun, "--gloo", "-np", "3", "--min-np", "2", "--max-np", "3",
+           *([] if gloo_timeout is None else ["--gloo-timeout-seconds", str(gloo_timeout)]),
            "--host-discovery-script", str(discover), sys.executable,
            str(ROOT / "examples" / "elastic.py"), "--log-dir", str(work / "logs"),
            "--out", str(work / "out"), "--config", "ours:sgd:layerwise", "--config",
@@ -333,6 +388,7 @@ def run_elastic(steps: int, kill: bool, timeout: float = JOB_TIMEOUT) -> dict:
         out, _ = proc.communicate()
         rc = "hung (killed at the job timeout)"
     t1 = time.time()
+    (work / "launcher.out").write_text(out or "")
     finals = [torch.load(p, weights_only=False) for p in sorted((work / "out").glob("rank*.pt"))]
     records = []
     for path in sorted((work / "logs").glob("pid*.jsonl")):
@@ -348,7 +404,8 @@ def run_elastic(steps: int, kill: bool, timeout: float = JOB_TIMEOUT) -> dict:
     if finals:
         identical = all(torch.equal(a, b) for f in finals[1:] for name in finals[0]["params"]
                         for a, b in zip(finals[0]["params"][name], f["params"][name]))
-    row = {"scenario": "elastic" if kill else "elastic_clean", "method": "ours+fp32",
+    row = {"scenario": ("elastic" if kill else "elastic_clean") + (
+               "" if gloo_timeout is None else f"_gloo{gloo_timeout}s"), "method": "ours+fp32",
            "finished": finished, "exit_code": rc, "bit_identical": identical,
            "survivors": len(finals), "wall_s": round(t1 - t0, 1), "load": load,
            "load_at_end": _load()}
@@ -418,18 +475,23 @@ def table(rows: list[dict]) -> str:
              "step | failure surfaced after | load (1 min) | what the user saw |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = clean_el if r["scenario"] == "elastic" else clean.get(r["method"])
-        ref = r.get("wall_s") if r["scenario"] == "elastic" else r.get("steady_s")
+        el = r["scenario"].startswith("elastic")
+        base = clean_el if el else clean.get(r["method"])
+        ref = r.get("wall_s") if el else r.get("steady_s")
         slow = f"{ref / base:.2f}x" if (base and ref and r.get("finished")
-                                        and r["scenario"] not in ("clean", "elastic_clean")) else "-"
-        if r["scenario"].startswith("kill"):
+                                        and "clean" not in r["scenario"]) else "-"
+        if r["scenario"].startswith("kill") or r["scenario"] == "partition":
             surfaced = (f"rank 0 gone {r.get('rank0_gone_s', '-')} s, launcher exit "
-                        f"{r.get('job_end_s', '-')} s after SIGKILL")
-        elif r["scenario"] == "elastic" and "recovered_after_s" in r:
+                        f"{r.get('job_end_s', '-')} s after the "
+                        f"{'SIGKILL' if r['scenario'] != 'partition' else 'link went down'}")
+        elif el and "recovered_after_s" in r:
             surfaced = (f"2-worker ring training {r['recovered_after_s']} s after the last "
                         f"3-worker step (resumed at step {r['resumed_at_step']})")
         elif "rank0_cpu_pct_during_fault" in r:
-            surfaced = f"no failure; rank 0 used {r['rank0_cpu_pct_during_fault']}% CPU meanwhile"
+            top = sorted(r.get("rank0_cpu_pct_by_thread", {}).items(), key=lambda kv: -kv[1])[:2]
+            surfaced = (f"no failure; rank 0 used {r['rank0_cpu_pct_during_fault']}% of a core "
+                        f"meanwhile" + (f" ({', '.join(f'{k} {v}%' for k, v in top)})"
+                                        if top else ""))
         else:
             surfaced = "-"
         lines.append(
@@ -448,6 +510,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="training steps per job")
     parser.add_argument("--stop-seconds", type=float, default=10.0, help="SIGSTOP length")
     parser.add_argument("--elastic-steps", type=int, default=16)
+    parser.add_argument("--gloo-timeout", type=int, default=None,
+                        help="elastic: also run the kill with horovodrun --gloo-timeout-seconds N")
+    parser.add_argument("--timeout", type=float, default=JOB_TIMEOUT,
+                        help=f"seconds before a job counts as hung (default {JOB_TIMEOUT:g})")
     parser.add_argument("--out", default=str(RESULTS / "faults.json"))
     parser.add_argument("--table-from", default=None,
                         help="print the table of an earlier run's JSON (steady times recomputed "
@@ -485,14 +551,18 @@ def main(argv=None) -> int:
             print(f"== {sc} / {method} (load {_load()}) ==", flush=True)
             if sc == "latency":
                 row = run_latency(method, args.steps)
-            elif sc == "kill_gloo":
-                row = run_kill_gloo(method, args.steps)
+            elif sc in ("kill_gloo", "stop_gloo"):
+                row = run_gloo(sc, method, args.steps, stop_s=args.stop_seconds,
+                               timeout=args.timeout)
             elif sc == "elastic":
-                rows.append(run_elastic(args.elastic_steps, kill=False))
-                print(json.dumps(rows[-1]), flush=True)
-                row = run_elastic(args.elastic_steps, kill=True)
+                if args.gloo_timeout is None:
+                    rows.append(run_elastic(args.elastic_steps, kill=False, timeout=args.timeout))
+                    print(json.dumps(rows[-1]), flush=True)
+                row = run_elastic(args.elastic_steps, kill=True, timeout=args.timeout,
+                                  gloo_timeout=args.gloo_timeout)
             else:
-                row = run_emulated(sc, method, args.steps, stop_s=args.stop_seconds)
+                row = run_emulated(sc, method, args.steps, stop_s=args.stop_seconds,
+                                   timeout=args.timeout)
             rows.append(row)
             print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
