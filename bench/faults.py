@@ -478,7 +478,7 @@ def table(rows: list[dict]) -> str:
         el = r["scenario"].startswith("elastic")
         base = clean_el if el else clean.get(r["method"])
         ref = r.get("wall_s") if el else r.get("steady_s")
-        slow = f"{ref / base:.2f}x" if (base and ref and r.get("finished")
+        slow = f"{ref / base:.2f}x (+{ref - base:.1f} s)" if (base and ref and r.get("finished")
                                         and "clean" not in r["scenario"]) else "-"
         if r["scenario"].startswith("kill") or r["scenario"] == "partition":
             surfaced = (f"rank 0 gone {r.get('rank0_gone_s', '-')} s, launcher exit "
