@@ -797,9 +797,10 @@ def main(argv=None) -> int:
     hvd.init()
     link = cfg.get("link_bytes_per_s")
     wire = bool(cfg.get("wire_counters"))
-    # nodes: Horovod's count of nodes (cross_size) with several ranks per node, else ranks
-    result = {"bandwidth": cfg["bandwidth"], "nodes": hvd.cross_size(), "ranks": hvd.size(),
-              "ranks_per_node": hvd.local_size(), "models": {}}
+    # the layout asked for (an unshaped run's local ranks all share one real node)
+    per_node = int(cfg.get("ranks_per_node", 1))
+    result = {"bandwidth": cfg["bandwidth"], "nodes": hvd.size() // per_node, "ranks": hvd.size(),
+              "ranks_per_node": per_node, "models": {}}
     t0 = time.perf_counter()
     for model_name in cfg["models"]:
         result["models"][model_name] = run_model(model_name, cfg, link, wire)
