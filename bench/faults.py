@@ -151,7 +151,8 @@ def _alive(pid: int | None) -> bool:
 
 
 def _thread_cpu(pid: int | None) -> dict[str, float]:
-    """CPU seconds of each thread of a process, summed by thread name (``comm``)."""
+    """CPU seconds of each thread of a process, summed by thread name (``comm``; unnamed threads
+    as the main thread and the others: Horovod's background thread and ours are unnamed)."""
     out: dict[str, float] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -164,6 +165,8 @@ def _thread_cpu(pid: int | None) -> dict[str, float]:
         except OSError:
             continue
         name = text[text.index("(") + 1:text.rindex(")")]
+        if name == "python" or name.startswith("python3"):  # unnamed: main or not is what tells
+            name = "main thread" if int(tid) == int(pid) else "other python threads"
         fields = text[text.rindex(")") + 1:].split()
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf(
             "SC_CLK_TCK")
