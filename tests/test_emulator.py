@@ -89,6 +89,15 @@ def test_ranks_per_node_in_the_hostfile_and_mpirun_line(monkeypatch):
     assert one.mpirun_command(["x"])[one.mpirun_command(["x"]).index("btl") + 1] == "tcp,self"
 
 
+def test_cli_ranks_per_node_is_checked_before_anything_starts(capsys):
+    from qoda_hvd.cluster.emulator import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--nodes", "2", "--ranks-per-node", "0", "--", "true"])
+    assert e.value.code == 2
+    assert "ranks_per_node must be in [1, 16], got 0" in capsys.readouterr().err
+
+
 def test_refuses_without_root_before_creating_anything(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     cluster = EmulatedCluster(nodes=2, bandwidth=RATE)
