@@ -187,19 +187,22 @@ def plot_files(paths: Sequence[str | os.PathLike], out: Optional[str | os.PathLi
     plt = _pyplot()
     out = Path(out) if out is not None else Path(paths[0]).with_suffix(".png")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for s in series:
+    for i, s in enumerate(series):
+        # Methods that train alike draw on top of each other: a dash pattern per line keeps
+        # every one visible.
+        style = ("-", "--", ":", "-.")[i % 4]
         values = s.columns[name]
         smooth = _moving_average(values, len(values) // 30)
         if smooth is values:
-            left.plot(s.steps, values, label=s.label, linewidth=1.2)
-        else:  # per-step losses are noisy: faint as measured, solid as a running mean
+            left.plot(s.steps, values, style, label=s.label, linewidth=1.4)
+        else:  # per-step losses are noisy: faint as measured, a running mean on top
             line, = left.plot(s.steps, values, linewidth=0.6, alpha=0.3)
-            left.plot(s.steps, smooth, label=f"{s.label} (mean of {len(values) // 30})",
-                      color=line.get_color(), linewidth=1.4)
+            left.plot(s.steps, smooth, style, label=f"{s.label} (mean of {len(values) // 30})",
+                      color=line.get_color(), linewidth=1.6)
         if "mb_sent" in s.columns:
-            right.plot(s.steps, s.columns["mb_sent"], label=s.label, linewidth=1.5)
+            right.plot(s.steps, s.columns["mb_sent"], style, label=s.label, linewidth=1.6)
     left.set(xlabel="step", ylabel=name, title=f"{name} (rank 0)" if name == "loss" else name)
-    right.set(xlabel="step", ylabel="MB sent by one rank (cumulative)", title="bytes sent")
+    right.set(xlabel="step", ylabel="MB (cumulative)", title="payload bytes rank 0 sent")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

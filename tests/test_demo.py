@@ -5,6 +5,7 @@ tests/test_readme.py against the README's own copy of the output.)
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -32,8 +33,8 @@ def table_rows(out: str) -> dict[str, dict]:
 
 
 @pytest.mark.timeout(360)
-def test_demo_compares_horovod_fp32_with_qoda_on_local_ranks():
-    out = run_demo("--bandwidth", "none", "--steps", "60")
+def test_demo_compares_horovod_fp32_with_qoda_on_local_ranks(tmp_path):
+    out = run_demo("--bandwidth", "none", "--steps", "60", "--json", str(tmp_path / "demo.json"))
     rows = table_rows(out)
     assert list(rows) == ["Horovod fp32 allreduce", "qoda_hvd layer-wise 4-bit"], out[-3000:]
     fp32, qoda = rows.values()
@@ -55,6 +56,23 @@ def test_demo_compares_horovod_fp32_with_qoda_on_local_ranks():
     assert [(r["opt"], r["steps"]) for r in runs] == [("horovod-fp32", "60"), ("qoda", "60")]
     assert "computed as a ring allreduce" in runs[0]["how"]
     assert "counted by qoda_hvd's communicator" in runs[1]["how"]
+
+    # --json: every run with rank 0's per-step curves, which `qoda-hvd plot` draws.
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert [r["name"] for r in data["runs"]] == ["horovod-fp32", "qoda"]
+    for r, row in zip(data["runs"], rows.values()):
+        series = r["series"]
+        assert series["step"] == list(range(1, 61)) and len(series["loss"]) == 60
+        assert series["loss"][0] > series["loss"][-1] - 0.5  # a noisy per-batch loss, falling
+        # Cumulative MB: non-decreasing, ending where the table's logical count ends.
+        assert all(a <= b for a, b in zip(series["mb_sent"], series["mb_sent"][1:]))
+    assert data["runs"][0]["series"]["mb_sent"][-1] == pytest.approx(float(rows["Horovod fp32 allreduce"]["mb"]), abs=0.01)
+    assert data["runs"][1]["series"]["mb_sent"][-1] == pytest.approx(
+        data["runs"][1]["extra"]["logical_bytes"] / 1e6, rel=0.05)
+    pytest.importorskip("matplotlib")
+    proc = subprocess.run([sys.executable, "-m", "qoda_hvd", "plot", str(tmp_path / "demo.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and (tmp_path / "demo.png").stat().st_size > 10_000, proc.stderr
 
 
 @pytest.mark.timeout(360)

@@ -1,10 +1,16 @@
-"""The runnable examples: each one on 2 real ranks (mpirun) at tiny sizes on synthetic data, its
-outputs checked (PNG, CSV, checkpoint), resume continuing the step count; plus their helpers
-in one process (help texts, PNG writer, FID / IS arithmetic)."""
+"""The runnable examples: each one on 2 real ranks (mpirun) at tiny sizes on their default real
+data (the handwritten digits, the standard library's sources) and on the synthetic 32x32 images,
+outputs checked (PNG, CSV, checkpoint, the FID analogue, the LM's validation loss and sample),
+resume continuing the step count; plus their helpers in one process (help texts, PNG writer,
+FID / IS arithmetic).
+
+Only rank 0 writes to stdout, one write per line (_common.Context.print), so the ranks' output
+cannot interleave inside a line the tests read."""
 from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import os
 import re
 import struct
@@ -32,7 +38,7 @@ def load_example(name: str):
     return module
 
 
-def launch(example: str, *args: str, timeout: float = 150):
+def launch(example: str, *args: str, timeout: float = 240):
     """Run an example on 2 ranks; return (summary match, stdout)."""
     proc = run_local(2, [sys.executable, os.path.join(EXAMPLES, f"{example}.py"), *args], "mpirun",
                      timeout=timeout, capture_output=True, text=True)
@@ -115,24 +121,36 @@ def test_frechet_distance_and_inception_score_arithmetic():
 
 # -- two ranks -----------------------------------------------------------------------------
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_wgan_gp_outputs_and_resume(tmp_path):
     out = str(tmp_path / "wgan")
-    tiny = ["--filters", "16", "--batch", "8", "--synthetic-size", "64", "--grid", "4",
+    # The default data: the 8x8 digits (the classifier of the FID analogue is trained once per
+    # machine and cached).
+    tiny = ["--filters", "16", "--latent", "16", "--batch", "8", "--grid", "4",
             "--sample-every", "2", "--log-every", "1", "--save-every", "2", "--fid-samples", "16",
             "--out", out]
     m, stdout = launch("wgan_gp", "--steps", "3", *tiny)
     assert (m["opt"], m["first"], m["last"], m["ex"], m["per"]) == ("qoda", "1", "3", "3", "1")
     assert m["comp"] == "layerwise" and 0 < float(m["bits"]) < 8
-    assert "SYNTHETIC" in stdout
-    assert "FID/IS: not computed" in stdout or "FID " in stdout  # weights are rarely on disk
-    # 4 samples in a 2 x 2 grid of 32 px images with 2 px padding.
-    assert png_size(os.path.join(out, "samples_0000002.png")) == (70, 70)
-    assert png_size(os.path.join(out, "samples_0000003.png")) == (70, 70)
+    assert "handwritten digits, 8x8 grey, training split (1397 images" in stdout
+    start = re.search(r"at the start: FID analogue ([\d.]+) \(16 generated vs 16 held-out digits; "
+                      r"real training digits score ([\d.]+)\)", stdout)
+    end = re.search(r"at step 3: FID analogue ([\d.]+) .*; ([\d.]+) at the start\), label "
+                    r"entropy [\d.]+ of ln 10 = 2.30, \d+/10 digits covered \(classifier test "
+                    r"accuracy ([\d.]+)\)", stdout)
+    assert start and end, stdout[-3000:]
+    assert float(start[1]) > float(start[2]) > 0  # untrained G scores worse than real digits
+    assert end[2] == f"{float(start[1]):.1f}" and float(end[3]) > 0.9
+    assert re.search(r"^wgan_gp: qoda, 2 ranks, .*, FID analogue [\d.]+$", stdout, re.M)
+    # 4 samples in a 2 x 2 grid of 8 px digits shown 4x, 1 px padding.
+    assert png_size(os.path.join(out, "samples_0000002.png")) == (67, 67)
+    assert png_size(os.path.join(out, "samples_0000003.png")) == (67, 67)
     header, rows = read_csv(os.path.join(out, "metrics.csv"))
-    assert header[:5] == ["step", "loss_d", "loss_g", "wasserstein", "gradient_penalty"]
+    assert header[:6] == ["step", "loss_d", "loss_g", "wasserstein", "gradient_penalty",
+                          "fid_analogue"]
     assert [r["step"] for r in rows] == ["1", "2", "3"]
     assert all(float(r["gradient_penalty"]) >= 0 for r in rows)
+    assert float(rows[0]["fid_analogue"]) == pytest.approx(float(start[1]), rel=1e-4)
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"))  # weights_only: plain containers
     assert ckpt["step"] == 3 and any(k.startswith("G.") for k in ckpt["model"])
     assert any(k.startswith("D.") for k in ckpt["model"]) and "qoda_hvd" in ckpt["optimizer"]
@@ -146,21 +164,42 @@ def test_wgan_gp_outputs_and_resume(tmp_path):
     assert os.path.exists(os.path.join(out, "samples_0000004.png"))
 
 
+@pytest.mark.timeout(300)
+def test_wgan_gp_on_32x32_images(tmp_path):
+    out = str(tmp_path / "wgan32")
+    m, stdout = launch("wgan_gp", "--data", "synthetic", "--steps", "2", "--filters", "8",
+                       "--latent", "16", "--batch", "4", "--synthetic-size", "16", "--grid", "4",
+                       "--fid-samples", "8", "--out", out)
+    assert (m["last"], m["ex"]) == ("2", "2")
+    assert "SYNTHETIC" in stdout
+    assert "FID/IS: not computed" in stdout or "FID " in stdout  # weights are rarely on disk
+    # 4 samples in a 2 x 2 grid of 32 px images with 2 px padding.
+    assert png_size(os.path.join(out, "samples_0000002.png")) == (70, 70)
+
+
 @pytest.mark.timeout(200)
 def test_transformer_lm_reports_layer_types(tmp_path):
     out = str(tmp_path / "lm")
+    # The default data: the standard library's sources, character level.
     m, stdout = launch("transformer_lm", "--layers", "2", "--d-model", "32", "--heads", "2",
                        "--d-ff", "64", "--seq-len", "16", "--batch", "4", "--steps", "3",
-                       "--synthetic-sentences", "300", "--eval-every", "3", "--eval-batches", "1",
-                       "--log-every", "1", "--optimizer", "optimistic-adam", "--out", out)
+                       "--max-chars", "20000", "--eval-every", "3", "--eval-batches", "1",
+                       "--log-every", "1", "--optimizer", "optimistic-adam",
+                       "--sample-tokens", "40", "--out", out)
     assert (m["opt"], m["ex"], m["per"]) == ("optimistic-adam", "3", "1")
+    assert "the Python standard library's sources" in stdout
+    vocab = int(re.search(r"char vocabulary (\d+),", stdout).group(1))
     types = re.search(r"layer types: (.*)", stdout).group(1)
     for name in ("embedding", "attention", "feedforward", "output"):
         assert re.search(rf"{name} \d+ params 8 levels 4 bits/symbol", types), types
     ppl = float(re.search(r"val perplexity ([\d.]+)", stdout).group(1))
-    assert 1 < ppl < 200  # a vocabulary of ~50 words, nearly untrained
+    assert 1 < ppl < 2 * vocab  # nearly untrained: about a uniform guess
+    loss = re.search(r"validation loss ([\d.]+) nats/char \(([\d.]+) bits/char", stdout)
+    assert loss and float(loss[1]) == pytest.approx(math.log(ppl), abs=0.01)
+    sample = re.search(r"sample \(40 tokens after 'def ', temperature 0.8\):\n  \| def ", stdout)
+    assert sample, stdout[-2000:]
     header, rows = read_csv(os.path.join(out, "metrics.csv"))
-    assert header[:3] == ["step", "loss", "val_perplexity"] and len(rows) == 3
+    assert header[:4] == ["step", "loss", "val_loss", "val_perplexity"] and len(rows) == 3
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"))
     assert ckpt["step"] == 3 and ckpt["vocab"][0] == "<unk>" and "lm_head.weight" in ckpt["model"]
 
