@@ -347,6 +347,9 @@ class _DistributedOptimizer(ElasticReforming):
             "level_updates": st.level_updates,
             "strategy": getattr(ex, "strategy", "allreduce"),
         }
+        topology = getattr(ex, "topology_stats", None)
+        if callable(topology):  # the topology found, why this exchange, bytes in/between nodes
+            out.update(topology())
         layerwise = ex.inner if isinstance(ex, AutoTypedExchange) else ex
         if isinstance(layerwise, LayerwiseExchange):
             out["types"] = {name: int(layerwise.lq.levels(t).numel())
@@ -451,8 +454,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
             so ``torch.optim.SparseAdam`` works.
         process_set: Horovod process set of the default communicator (default: all ranks). A
             rank outside it trains on its own gradients without communicating, as in Horovod.
-        exchange: ``"auto"``, ``"allgather"`` or ``"scatter_gather"`` (layer-wise only;
-            ``QODA_EXCHANGE`` fills ``"auto"``).
+        exchange: ``"auto"``, ``"allgather"``, ``"scatter_gather"`` or ``"hierarchical"``
+            (layer-wise only; ``QODA_EXCHANGE`` fills ``"auto"``). ``"auto"``: two levels
+            (float32 inside a node, compressed between nodes) with several ranks on each of
+            several nodes; flat with one rank per node (allgather up to 2 ranks,
+            scatter_gather beyond); one float32 allreduce on a single node of GPUs.
+            ``compression_stats()`` says which and why (``topology``).
         communicator: collectives to use; default Horovod's (``hvd.init()`` first). Pass
             ``qoda_hvd.comm.MPICommunicator()`` for plain mpi4py, or a
             :class:`~qoda_hvd.comm.LocalGroup` member in tests. Not together with

@@ -335,7 +335,7 @@ class TestMisuse:
         ({"named_parameters": "dup"}, ValueError, r"must be unique. Found duplicates: a"),
         ({"named_parameters": "partial"}, ValueError, r"one or more model parameters were not named"),
         ({"backward_passes_per_step": 0}, ValueError, r"backward_passes_per_step must be an int >= 1, got 0"),
-        ({"exchange": "ring"}, ValueError, r"exchange must be one of auto, allgather, scatter_gather, got 'ring'"),
+        ({"exchange": "ring"}, ValueError, r"exchange must be one of auto, allgather, scatter_gather, hierarchical, got 'ring'"),
         ({"op": "max"}, ValueError, r"op must be hvd.Average or hvd.Sum"),
         ({"compression": "fp8"}, TypeError, r"compression must be qoda_hvd.Compression.none"),
         ({"communicator": object()}, TypeError, r"communicator must be a qoda_hvd.comm.Communicator"),
