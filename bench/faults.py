@@ -267,7 +267,8 @@ def _summarise(scenario: str, method: str, log_dir: Path, proc_rc, out: str, inf
               "rank0_cpu_pct_by_thread"):
         if k in info:
             row[k] = info[k]
-    if "fault_t" in info and (scenario.startswith("kill") or scenario == "partition"):
+    if "fault_t" in info and (scenario.startswith("kill") or scenario == "partition"
+                              or not finished):
         row["job_end_s"] = round(t_end - info["fault_t"], 2)
     if not finished:
         row["message"] = _message(out)
@@ -490,6 +491,8 @@ def table(rows: list[dict]) -> str:
         elif el and "recovered_after_s" in r:
             surfaced = (f"2-worker ring training {r['recovered_after_s']} s after the last "
                         f"3-worker step (resumed at step {r['resumed_at_step']})")
+        elif not r.get("finished") and "job_end_s" in r:
+            surfaced = f"launcher exit {r['job_end_s']} s after the fault began"
         elif "rank0_cpu_pct_during_fault" in r:
             top = sorted(r.get("rank0_cpu_pct_by_thread", {}).items(), key=lambda kv: -kv[1])[:2]
             surfaced = (f"no failure; rank 0 used {r['rank0_cpu_pct_during_fault']}% of a core "
