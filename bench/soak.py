@@ -141,8 +141,8 @@ def main(argv=None) -> int:
               "growth": growth(samples), "samples": samples}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"| rank | steps sampled | RSS MiB (first -> last) | RSS growth | threads | fds | "
-          f"load (1 min) |")
+    print("| rank | steps sampled | RSS MiB (first -> last) | RSS growth | threads | fds | "
+          "load (1 min) |")
     print("|---|---|---|---|---|---|---|")
     for r, g in result["growth"].items():
         print(f"| {r} | {g['from_step']}..{g['to_step']} | {g['rss_mib'][0]} -> {g['rss_mib'][1]} "

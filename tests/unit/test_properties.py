@@ -25,7 +25,14 @@ hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from qoda_hvd.coding import CODECS, PackedSegment, RawSegment, Segment, decode, encode_bytes  # noqa: E402
+from qoda_hvd.coding import (  # noqa: E402
+    CODECS,
+    PackedSegment,
+    RawSegment,
+    Segment,
+    decode,
+    encode_bytes,
+)
 from qoda_hvd.coding import bits, rans  # noqa: E402
 from qoda_hvd.kernels import level_table, stream_key  # noqa: E402
 from qoda_hvd.kernels.dispatch import dequantize_into, quantize_pack  # noqa: E402
@@ -52,7 +59,8 @@ def segments(draw, layer_id=0, type_id=0, num_levels=None):
     skew = draw(st.floats(0.05, 5.0))
     p = rng.dirichlet(np.full(2 * L - 1, skew))
     s = rng.choice(np.arange(-(L - 1), L, dtype=np.int8), n, p=p)
-    norms = rng.random(-(-n // bucket), dtype=np.float32) * draw(st.sampled_from([0.0, 1e-30, 1.0, 3e30]))
+    scale = draw(st.sampled_from([0.0, 1e-30, 1.0, 3e30]))
+    norms = rng.random(-(-n // bucket), dtype=np.float32) * np.float32(scale)
     return Segment(layer_id, type_id, n, bucket, s, norms, L)
 
 
