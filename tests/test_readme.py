@@ -4,7 +4,10 @@
 - the training-script snippet ("Use it in your training script") runs on 2 real ranks, with only
   ``model``, ``loss_fn`` and ``loader`` defined before it;
 - the demo's output shown in the README is the format ``qoda-hvd demo`` prints: every line of
-  the README's copy matches a line of a real run, in order, numbers aside.
+  the README's copy matches a line of a real run, in order, numbers aside;
+- every example command in a ``bash`` block (``... examples/NAME.py OPTIONS``) and every
+  ``qoda-hvd plot`` command is accepted by that script's or the CLI's own parser, and names
+  files that exist. (The examples themselves run at tiny sizes in tests/test_examples.py.)
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import importlib.util
 
 import pytest
 
@@ -74,7 +79,43 @@ def line_pattern(line: str) -> re.Pattern:
     return re.compile("".join(out))
 
 
-def test_quick_start_make_commands_exist():
+def bash_commands() -> list[str]:
+    """Every command line of the README's ``bash`` blocks (continuations joined, comments cut)."""
+    out = []
+    for block in code_blocks(README.read_text(), "bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                out.append(line)
+    return out
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"readme_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_and_plot_commands_parse():
+    commands = bash_commands()
+    examples = [c for c in commands if re.search(r"examples/\w+\.py", c)]
+    plots = [c for c in commands if "qoda-hvd plot" in c]
+    assert any("examples/wgan_gp.py" in c for c in examples), commands
+    assert any("examples/transformer_lm.py" in c for c in examples), commands
+    assert plots, commands
+    for command in examples:
+        words = shlex.split(command)
+        at = next(i for i, w in enumerate(words) if re.fullmatch(r"examples/\w+\.py", w))
+        assert (ROOT / words[at]).exists(), command
+        parser = load_example(Path(words[at]).stem).build_parser()
+        parser.parse_args(words[at + 1:])  # argparse exits (SystemExit) on an unknown option
+    for command in plots:
+        words = shlex.split(command)
+        args, rest = cli_parser().parse_known_args(words[words.index("plot"):])
+        assert args.command == "plot" and not rest, command
+
     text = section("Two commands")
     commands = [c.strip() for block in code_blocks(text, "bash") for c in block.splitlines()]
     commands += re.findall(r"`(make [^`]+)`", text)
