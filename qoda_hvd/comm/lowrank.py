@@ -115,6 +115,12 @@ class PowerSGDExchange:
         self.step = 0
         self._plain: Optional[AllreduceExchange] = None
         self._deferred = False
+        # P and Q in two levels where ranks share nodes (float32 sum inside the node, an
+        # allreduce of each 1/L shard between nodes): per node 2 (M-1)/M of them cross the slow
+        # link instead of a ring's 2 (K-1)/K; planned at the first call (a collective: the
+        # layer-wise exchange's agreed topology), not when the exchange is made
+        self._groups = None
+        self._planned = communicator.size == 1
 
         specs, raw, unit_names = [], [], []
         unit_of: dict = {}
@@ -208,14 +214,12 @@ class PowerSGDExchange:
         core.start(self.step)
         t1 = time.perf_counter()
         if core.send_p.numel():
-            self.comm.allreduce_sum_(core.send_p)
-            self.collectives += 1
+            self._allreduce_(core.send_p)
         t2 = time.perf_counter()
         core.project()
         t3 = time.perf_counter()
         if core.send_q.numel():
-            self.comm.allreduce_sum_(core.send_q)
-            self.collectives += 1
+            self._allreduce_(core.send_q)
         t4 = time.perf_counter()
         core.finish(self.comm.size, self.average)
         if self._dst:
@@ -288,6 +292,27 @@ class PowerSGDExchange:
             self._relayout(ranks)
 
     # -- checkpoints ---------------------------------------------------------------------
+
+    def _allreduce_(self, buf: torch.Tensor) -> None:
+        """Sum ``buf`` over the ranks in place: one allreduce, or two levels (reduce-scatter
+        inside the node, allreduce between nodes, allgather inside the node)."""
+        if not self._planned:
+            from qoda_hvd.comm.hierarchical import plan_exchange
+
+            plan = plan_exchange("auto", self.comm, self.device.type == "cuda")
+            if plan.kind == "hierarchical":
+                self._groups = (plan.local, plan.cross)
+            self.topology_stats = plan.stats
+            self._planned = True
+        if self._groups is None:
+            self.comm.allreduce_sum_(buf)
+            self.collectives += 1
+            return
+        from qoda_hvd.comm.hierarchical import two_level_allreduce_
+
+        local, cross = self._groups
+        two_level_allreduce_(buf, local, cross)
+        self.collectives += 2 + (cross.size > 1)
 
     def extra_state(self) -> dict:
         """Errors, Q, iteration and ranks as plain data (tensors on the CPU).

@@ -8,13 +8,16 @@ import torch
 from qoda_hvd.comm import LocalGroup
 
 
-def run_ranks(size, fn, timeout=60.0):
+def run_ranks(size, fn, timeout=60.0, **placement):
     """Run ``fn(rank, comm)`` on ``size`` fake ranks, one thread each; results by rank.
+
+    ``placement``: ``ranks_per_node`` / ``node_of`` of :class:`~qoda_hvd.comm.LocalGroup`
+    (fake nodes).
 
     The first exception of any rank is re-raised here; a rank that dies breaks the others'
     barrier after ``timeout`` seconds instead of hanging them.
     """
-    group = LocalGroup(size, timeout=timeout)
+    group = LocalGroup(size, timeout=timeout, **placement)
     out, errors = [None] * size, []
 
     def work(r):

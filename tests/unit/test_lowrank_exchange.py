@@ -421,3 +421,30 @@ def test_a_bad_error_window_is_named():
         make_powersgd_exchange(qoda_hvd.Compression.powersgd(**PSGD).config,
                                list(model.named_parameters()), LocalGroup(1)[0], True,
                                error_window="week")
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_two_nodes_of_two_reduce_p_and_q_in_two_levels(layerwise):
+    """4 fake ranks on 2 fake nodes: P and Q are summed inside each node in float32, and only
+    each local rank's 1/2 shard crosses between nodes; every rank ends bit-identical, with the
+    flat exchange's training to float32 rounding."""
+    comp = qoda_hvd.Compression.powersgd(layerwise=layerwise, every=3, **PSGD)
+
+    def work(r, c):
+        model, _, ex = train(r, c, 4, comp)
+        return [p.detach().clone() for p in model.parameters()], ex.topology_stats(), \
+            c.stats.bytes_sent
+
+    two = run_ranks(4, work, ranks_per_node=2)
+    flat = run_ranks(4, work)
+    for params, _, _ in two[1:]:
+        for a, b in zip(two[0][0], params):
+            assert torch.equal(a, b)
+    for a, b in zip(two[0][0], flat[0][0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    stats = two[0][1]
+    assert "inter_node_bytes_sent" not in flat[0][1]  # one node: one allreduce, as before
+    if not layerwise:  # (layer-wise ranks may differ by a rounding between the two runs)
+        # a flat allreduce sends 2 (K-1)/K = 1.5 of the floats per rank; two levels send
+        # 2 (M-1)/M of a 1/L shard = 0.5 of them between nodes: a third
+        assert stats["inter_node_bytes_sent"] / flat[0][2] == pytest.approx(1 / 3, rel=0.02)
