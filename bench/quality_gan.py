@@ -288,8 +288,9 @@ def summarise(data: dict) -> dict:
                        for m in methods)]
     data["complete_seeds"] = complete
     for method in methods:
-        runs = [r for r in data["results"] if r["method"] == method
-                and (r["seed"] in complete or not complete)]
+        # Each method over every seed it finished (n in the table); the goals compare methods
+        # on the seeds both finished (paired differences).
+        runs = [r for r in data["results"] if r["method"] == method]
         if not runs:
             continue
         s = {"label": METHODS[method][2], "seeds": [r["seed"] for r in runs]}
@@ -308,6 +309,8 @@ def summarise(data: dict) -> dict:
         s["mb_curve"] = [sum(r["curve"][i]["bytes_sent"] for r in runs) / len(runs) / 1e6
                          for i in range(len(steps))]
         s["identical_across_ranks"] = all(r["identical_across_ranks"] for r in runs)
+        s["fid_by_seed"] = {str(r["seed"]): sum(p["fid"] for p in r["curve"][-TAIL:])
+                            / len(r["curve"][-TAIL:]) for r in runs}
         s["types"] = runs[0]["types"]
         out[method] = s
     return out
@@ -322,11 +325,12 @@ def report(data: dict, summary: dict) -> str:
              f"{data['fid_floor']:.2f}",
              f"game: WGAN-GP (gp {cfg['gp']}), G+D {data['results'][0]['params']:,} parameters, "
              f"{cfg['steps']} iterations, batch {cfg['batch']} per rank, {data['ranks']} ranks, "
-             f"seeds {data['complete_seeds']}; coding {cfg['coding']}; final FID = mean of the last "
+             f"seeds done by every method {data['complete_seeds']} (n: the seeds each method "
+             f"finished); coding {cfg['coding']}; final FID = mean of the last "
              f"{TAIL} evaluations (every {cfg['eval_every']} iterations) of each run, then mean "
              f"+- standard error over seeds; 'last' = the last evaluation only",
              f"{'method':<14} {'FID (mean +- se)':>18} {'last':>16} {'label H':>8} {'coverage':>9} "
-             f"{'kB/it':>8} {'bits/coord':>10} {'exch/it':>7} {'s/run':>6}"]
+             f"{'kB/it':>8} {'bits/coord':>10} {'exch/it':>7} {'s/run':>6} {'n':>2}  FID per seed"]
     for method, s in summary.items():
         fid, se = s["fid"]
         last, last_se = s["fid_last"]
@@ -334,29 +338,34 @@ def report(data: dict, summary: dict) -> str:
                      f"{s['label_entropy'][0]:>8.3f} "
                      f"{s['coverage'][0]:>9.2f} {s['bytes_sent_per_iteration'][0] / 1e3:>8.1f} "
                      f"{s['bits_per_coordinate'][0]:>10.2f} {s['exchanges_per_iteration'][0]:>7.0f} "
-                     f"{s['seconds'][0]:>6.1f}")
+                     f"{s['seconds'][0]:>6.1f} {len(s['seeds']):>2}  "
+                     + " ".join(f"{sd}:{f:.0f}" for sd, f in s["fid_by_seed"].items()))
     lines.append("")
-    lines.append("goals (reported, not asserted):")
-    if len(data["complete_seeds"]) < 2:
-        lines.append("  one seed: no standard errors, no verdicts")
-        return "\n".join(lines)
+    lines.append("goals (reported, not asserted): paired FID differences on the seeds both "
+                 "methods finished, mean +- standard error of the per-seed differences")
 
-    def diff(a: str, b: str) -> tuple[float, float]:
-        (ma, sa), (mb, sb) = summary[a]["fid"], summary[b]["fid"]
-        return ma - mb, math.sqrt(sa ** 2 + sb ** 2)
+    def diff(a: str, b: str):
+        fa, fb = summary[a]["fid_by_seed"], summary[b]["fid_by_seed"]
+        common = sorted(set(fa) & set(fb))
+        if len(common) < 2:
+            return None, None, common
+        d, se = mean_se([fa[sd] - fb[sd] for sd in common])
+        return d, se, common
 
-    if {"qoda_lw4", "fp32"} <= set(summary):
-        d, se = diff("qoda_lw4", "fp32")
-        within = abs(d) <= 2 * se if se > 0 else d == 0
-        lines.append(f"  layer-wise 4-bit vs fp32: FID difference {d:+.2f} +- {se:.2f} (se of the "
-                     f"difference); {'within' if within else 'NOT within'} 2 standard errors")
-    if {"qoda_lw4", "qoda_global4"} <= set(summary):
-        d, se = diff("qoda_lw4", "qoda_global4")
-        lines.append(f"  layer-wise 4-bit vs global 4-bit: FID difference {d:+.2f} +- {se:.2f} "
-                     f"({'layer-wise <= global' if d <= 0 else 'layer-wise worse'}; "
-                     f"{abs(d) / se if se else float('inf'):.1f} se); bits/coord "
-                     f"{summary['qoda_lw4']['bits_per_coordinate'][0]:.2f} vs "
-                     f"{summary['qoda_global4']['bits_per_coordinate'][0]:.2f}")
+    for a, b, what in (("qoda_lw4", "fp32", "layer-wise 4-bit vs fp32"),
+                       ("qoda_lw4", "qoda_global4", "layer-wise 4-bit vs global 4-bit"),
+                       ("qoda_lw3", "qoda_global4", "layer-wise 3-bit vs global 4-bit")):
+        if not {a, b} <= set(summary):
+            continue
+        d, se, common = diff(a, b)
+        if d is None:
+            lines.append(f"  {what}: fewer than 2 common seeds ({common}): no verdict")
+            continue
+        within = abs(d) <= 2 * se
+        lines.append(f"  {what}: FID difference {d:+.1f} +- {se:.1f} over seeds {common}; "
+                     f"{'within' if within else 'NOT within'} 2 standard errors of 0; bits/coord "
+                     f"{summary[a]['bits_per_coordinate'][0]:.2f} vs "
+                     f"{summary[b]['bits_per_coordinate'][0]:.2f}")
     return "\n".join(lines)
 
 
@@ -384,9 +393,10 @@ def plot(summary: dict, path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[1].set_xscale("log")
     axes[0].legend(fontsize=7)
-    n = len(next(iter(summary.values()))["seeds"])
-    fig.suptitle(f"WGAN-GP on scikit-learn digits, 2 ranks: mean over {n} seeds, band +-1 s.e.",
-                 fontsize=10)
+    counts = sorted({len(s["seeds"]) for s in summary.values()})
+    n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    fig.suptitle(f"WGAN-GP on scikit-learn digits, 2 ranks: each line the mean over {n} seeds, "
+                 f"band +-1 s.e.", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
