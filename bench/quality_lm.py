@@ -278,7 +278,8 @@ def global_ratio_at(loss: float, curve: list[tuple[float, float]]) -> tuple[Opti
 def aggregate(results: list[dict], seeds: list[int]) -> dict:
     """Per method: mean and standard error over ``seeds`` of loss and bytes, and the ratio."""
     fp32 = [r["bytes_sent_per_step"] for r in results if r["method"] == "fp32"]
-    fp32_bytes = sum(fp32) / len(fp32)
+    # Without an fp32 run (--no-fp32): what it sends at K = 2, the whole float32 gradient.
+    fp32_bytes = sum(fp32) / len(fp32) if fp32 else 4.0 * results[0]["params"]
     out = {}
     for r in results:
         if r["seed"] not in seeds:
@@ -478,6 +479,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", metavar="NAME",
                         help="run exactly these (fp32, quant4, global_rR, layerwise[+V]_rR); fp32 "
                              "is always run, as the reference of the ratios")
+    parser.add_argument("--no-fp32", action="store_true",
+                        help="with --methods: do not run fp32 (a job merged later with one that "
+                             "did; ratios alone use 4 bytes x parameters, fp32 at 2 ranks)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                         help="no run: report the runs of these result files together")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds for the whole job")
@@ -528,7 +532,7 @@ def main(argv=None) -> int:
         methods += [f"layerwise_r{r}" for r in args.ranks]
     methods += [f"layerwise+{v}_r{r}" for v in args.variants for r in args.ranks]
     if args.methods:
-        methods = ["fp32"] + [m for m in args.methods if m != "fp32"]
+        methods = ([] if args.no_fp32 else ["fp32"]) + [m for m in args.methods if m != "fp32"]
     for m in methods:
         try:
             parse_method(m)
