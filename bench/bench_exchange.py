@@ -154,47 +154,34 @@ def per_node_counts(L: int, M: int, n: int, bits: int, rows=PER_NODE_ROWS) -> li
             continue
         group = LocalGroup(K, timeout=600, ranks_per_node=L, record_traffic=True)
         barrier = threading.Barrier(K)
-        results: list = [None] * K
-        errors: list = []
 
-        def work(r: int) -> None:
-            try:
-                torch.set_num_threads(1)
-                model = torch.nn.Linear(1024, n // 1024, bias=False)
-                comp = (qoda_hvd.Compression.none if kind == "none" else
-                        qoda_hvd.Compression.layerwise(bits=bits, levels="uniform",
-                                                       coding="fixed", types=model))
-                opt = qoda_hvd.DistributedOptimizer(
-                    torch.optim.SGD(model.parameters(), lr=0.0),
-                    named_parameters=model.named_parameters(), compression=comp,
-                    communicator=group[r], exchange=exchange, overlap=False)
-                g = torch.Generator().manual_seed(r)
-                for step in range(2):  # step 0 agrees settings and levels; step 1 is counted
-                    model.weight.grad = torch.randn(model.weight.shape, generator=g)
-                    barrier.wait()
-                    if step == 1 and r == 0:
-                        group.traffic[:] = 0
-                    barrier.wait()
-                    before = opt.compression_stats()
-                    t0 = time.perf_counter()
-                    opt.synchronize()
-                    with opt.skip_synchronize():
-                        opt.step()
-                after = opt.compression_stats()
-                results[r] = {"encoded": after["bits_per_coordinate"],
-                              "strategy": after["strategy"],
-                              "seconds": time.perf_counter() - t0,
-                              "sent": after["bytes_sent"] - before["bytes_sent"]}
-            except BaseException as e:  # shown by the caller
-                errors.append(e)
+        def work(r: int, comm) -> dict:
+            model = torch.nn.Linear(1024, n // 1024, bias=False)
+            comp = (qoda_hvd.Compression.none if kind == "none" else
+                    qoda_hvd.Compression.layerwise(bits=bits, levels="uniform",
+                                                   coding="fixed", types=model))
+            opt = qoda_hvd.DistributedOptimizer(
+                torch.optim.SGD(model.parameters(), lr=0.0),
+                named_parameters=model.named_parameters(), compression=comp,
+                communicator=comm, exchange=exchange, overlap=False)
+            g = torch.Generator().manual_seed(r)
+            for step in range(2):  # step 0 agrees settings and levels; step 1 is counted
+                model.weight.grad = torch.randn(model.weight.shape, generator=g)
+                barrier.wait()
+                if step == 1 and r == 0:
+                    group.traffic[:] = 0
+                barrier.wait()
+                before = opt.compression_stats()
+                t0 = time.perf_counter()
+                opt.synchronize()
+                with opt.skip_synchronize():
+                    opt.step()
+            after = opt.compression_stats()
+            return {"encoded": after["bits_per_coordinate"], "strategy": after["strategy"],
+                    "seconds": time.perf_counter() - t0,
+                    "sent": after["bytes_sent"] - before["bytes_sent"]}
 
-        threads = [threading.Thread(target=work, args=(r,)) for r in range(K)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        results = group.run(work)
         traffic = group.traffic.astype(np.int64)
         node = np.arange(K) // L
         inter = [int(traffic[node == j][:, node != j].sum()) for j in range(M)]

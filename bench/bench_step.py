@@ -31,7 +31,6 @@ import argparse
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -69,62 +68,47 @@ def run_exchange(size: int, quick: bool, repeats: int) -> list[list[dict]]:
     from qoda_hvd.comm import LocalGroup
     from qoda_hvd.kernels import cpu, stream_key
 
-    group = LocalGroup(size, timeout=600)
-    out: list = [None] * size
-    errors: list = []
+    def rank(r: int, comm) -> list[dict]:
+        model, vocab, seq = lm(quick)
+        grads = gradients(model, vocab, seq, seed=r)
+        flat = torch.cat([g.reshape(-1) for g in grads]).contiguous()
+        n, x, dst = flat.numel(), flat.numpy(), torch.empty_like(flat)
+        opt = qoda_hvd.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.0), model.named_parameters(),
+            compression=qoda_hvd.Compression.layerwise(bits=4, types=model),
+            communicator=comm, overlap=False)
+        ex = opt._exchange
+        rows = []
+        for i in range(repeats + 3):  # 3 warm-up steps: compile, level update, agreement
+            # the kernels on this rank's gradient with the exchange's levels (type 0's)
+            table = ex.codec.table(ex.lq.quantizer(0).levels)
+            key = stream_key(0, r, i)
+            t0 = time.perf_counter()
+            dst.copy_(flat)
+            t1 = time.perf_counter()
+            packed, norms, _ = cpu.quantize_pack(x, table, 1024, "l2", key, threads=1)
+            t2 = time.perf_counter()
+            cpu.dequantize_into(packed, norms, table, 1024, dst.numpy(), accumulate=True,
+                                threads=1)
+            t3 = time.perf_counter()
+            fresh = [g.clone() for g in grads]  # as autograd hands over new tensors
+            for p, g in zip(model.parameters(), fresh):
+                p.grad = g
+            before = ex.stats.as_dict()
+            t4 = time.perf_counter()
+            opt.synchronize()
+            wall = time.perf_counter() - t4
+            after = ex.stats.as_dict()
+            with opt.skip_synchronize():
+                opt.step()
+            if i >= 3:
+                ns = 1e9 / n
+                rows.append(dict(memcpy=(t1 - t0) * ns, kernel_quantize=(t2 - t1) * ns,
+                                 kernel_decode=(t3 - t2) * ns, sync=wall * ns,
+                                 **{k[:-2]: (after[k] - before[k]) * ns for k in PHASES}))
+        return rows
 
-    def rank(r: int) -> None:
-        try:
-            torch.set_num_threads(1)
-            model, vocab, seq = lm(quick)
-            grads = gradients(model, vocab, seq, seed=r)
-            flat = torch.cat([g.reshape(-1) for g in grads]).contiguous()
-            n, x, dst = flat.numel(), flat.numpy(), torch.empty_like(flat)
-            opt = qoda_hvd.DistributedOptimizer(
-                torch.optim.SGD(model.parameters(), lr=0.0), model.named_parameters(),
-                compression=qoda_hvd.Compression.layerwise(bits=4, types=model),
-                communicator=group[r], overlap=False)
-            ex = opt._exchange
-            rows = []
-            for i in range(repeats + 3):  # 3 warm-up steps: compile, level update, agreement
-                # the kernels on this rank's gradient with the exchange's levels (type 0's)
-                table = ex.codec.table(ex.lq.quantizer(0).levels)
-                key = stream_key(0, r, i)
-                t0 = time.perf_counter()
-                dst.copy_(flat)
-                t1 = time.perf_counter()
-                packed, norms, _ = cpu.quantize_pack(x, table, 1024, "l2", key, threads=1)
-                t2 = time.perf_counter()
-                cpu.dequantize_into(packed, norms, table, 1024, dst.numpy(), accumulate=True,
-                                    threads=1)
-                t3 = time.perf_counter()
-                fresh = [g.clone() for g in grads]  # as autograd hands over new tensors
-                for p, g in zip(model.parameters(), fresh):
-                    p.grad = g
-                before = ex.stats.as_dict()
-                t4 = time.perf_counter()
-                opt.synchronize()
-                wall = time.perf_counter() - t4
-                after = ex.stats.as_dict()
-                with opt.skip_synchronize():
-                    opt.step()
-                if i >= 3:
-                    ns = 1e9 / n
-                    rows.append(dict(memcpy=(t1 - t0) * ns, kernel_quantize=(t2 - t1) * ns,
-                                     kernel_decode=(t3 - t2) * ns, sync=wall * ns,
-                                     **{k[:-2]: (after[k] - before[k]) * ns for k in PHASES}))
-            out[r] = rows
-        except BaseException as e:  # re-raised in the main thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
+    return LocalGroup(size, timeout=600).run(rank)
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,6 @@
 """The two-level reduction on fake ranks placed on fake nodes (L ranks x M nodes)."""
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
@@ -20,26 +19,11 @@ SIZES, RAW, BUCKET = (1000, 333), 7, 64
 
 def run_nodes(L, M, fn, timeout=60.0):
     """``fn(rank, comm, local, cross)`` on L x M fake ranks (ranks 0..L-1 on node 0, ...)."""
-    group = LocalGroup(L * M, timeout=timeout, ranks_per_node=L)
-    out, errors = [None] * (L * M), []
+    def work(r, comm):
+        local, cross = node_communicators(comm, detect_topology(comm, environ={}))
+        return fn(r, comm, local, cross)
 
-    def work(r):
-        try:
-            torch.set_num_threads(1)
-            comm = group[r]
-            local, cross = node_communicators(comm, detect_topology(comm, environ={}))
-            out[r] = fn(r, comm, local, cross)
-        except BaseException as e:  # re-raised below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(L * M)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
+    return LocalGroup(L * M, timeout=timeout, ranks_per_node=L).run(work)
 
 
 def make_codec(rank, bits=4, seed=0):
@@ -106,7 +90,6 @@ def test_bit_identical_on_every_rank_and_counted_per_group(L, M):
         # node stages: ONE reduce-scatter and ONE allgather, float32, over the node only
         assert (ls.collectives, ls.reducescatters, ls.allgathers) == (2, 1, 1)
         me = r % L
-        red = TwoLevelReduction.__new__(TwoLevelReduction)
         elem_b, raw_b = shard_bounds(SIZES, [BUCKET] * 2, RAW, L)
         shard = [sum(e[j + 1] - e[j] for e in elem_b) + raw_b[j + 1] - raw_b[j] for j in range(L)]
         assert sum(shard) == n
