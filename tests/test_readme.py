@@ -116,6 +116,8 @@ def test_example_and_plot_commands_parse():
         args, rest = cli_parser().parse_known_args(words[words.index("plot"):])
         assert args.command == "plot" and not rest, command
 
+
+def test_quick_start_make_commands_exist():
     text = section("Two commands")
     commands = [c.strip() for block in code_blocks(text, "bash") for c in block.splitlines()]
     commands += re.findall(r"`(make [^`]+)`", text)
