@@ -47,7 +47,11 @@ _U64 = np.uint64
 _MAX_OMEGA_VALUE = 1 << 53
 # A QSGD triple omega(run + 1) + sign + omega(level) never spans more bits than this.
 _MAX_TRIPLE_BITS = 64 + 1 + 64
-_CHUNK_BITS = 1 << 19
+# Stream bits decoded per vectorised pass. The pass's working set is ~60 bytes per bit (the
+# per-position code tables and the jump chain), so this bounds its memory: 2**16 bits, ~4 MB
+# (2**19 held ~30 MB for any payload of 64 KB or more, 460 bytes per decoded coordinate at
+# 4-64k coordinates), at the same speed.
+_CHUNK_BITS = 1 << 16
 _JUMP_SQUARINGS = 6
 _JUMP = 1 << _JUMP_SQUARINGS  # code words per jump-table step
 

@@ -97,3 +97,31 @@ def test_receive_path_mutations_raise_only_payload_error(coding):
         except PayloadError:
             pass
     assert accepted < MUTATIONS  # the mutations reach the checks (most are caught)
+
+
+def test_elias_decode_memory_is_bounded_by_its_chunk():
+    """Found by bench/fuzz.py's allocation replay: decoding an ``elias`` segment of 4096 dense
+    coordinates held ~1.4 MB (seed-009), and 65536 coordinates ~29 MiB, 460 bytes per
+    coordinate against the module's "about 5 bytes per coordinate": the omega decoder's pass
+    over 2**19 stream bits kept ~60 bytes per bit. Passes of 2**16 bits keep it to a few MiB."""
+    import tracemalloc
+
+    from qoda_hvd.coding import Segment, decode, encode_bytes
+
+    rng = np.random.default_rng(0)
+    n, L = 65536, 8
+    seg = Segment(1, 0, n, 4096, rng.integers(-(L - 1), L, n).astype(np.int8),
+                  rng.random(n // 4096, dtype=np.float32), L)
+    payload = encode_bytes([seg], {0: np.linspace(0, 1, L, dtype=np.float32)}, "elias")
+    for packed in (False, True):
+        decode(payload, packed=packed)  # warm (numpy's caches), then trace
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            out = decode(payload, packed=packed)
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        if not packed:
+            assert np.array_equal(out.segments[0].symbols, seg.symbols)
+        assert peak < 12 * 2**20, f"elias decode of {n} coordinates peaked at {peak / 2**20:.1f} MiB"
