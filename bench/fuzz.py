@@ -215,16 +215,36 @@ def _numba_as_python() -> None:
         lambda val: np.asarray(val, np.float32).view(np.int32)[()])
 
 
-def _replay(paths: list[Path], target: str) -> int:
-    """Run every input file through ``target`` (under coverage when the parent asks)."""
+def _replay(paths: list[Path], target: str, alloc: dict | None = None) -> int:
+    """Run every input file through ``target`` (under coverage when the parent asks). With
+    ``alloc`` (a dict to fill), trace each input's peak host allocation (numpy's buffers and
+    Python objects, via tracemalloc; the output tensors are allocated once, before) and keep the
+    largest."""
     if os.environ.get("NUMBA_DISABLE_JIT") == "1":
         _numba_as_python()
     runner = RUNNERS[target]
     n = 0
+    if alloc is not None:
+        import tracemalloc
+
+        # a first pass untraced: the target's buffers and numba's kernels (compiled or loaded
+        # on first use) are made once, not per input
+        for p in paths:
+            for f in (sorted(p.iterdir()) if p.is_dir() else [p]):
+                runner(*feed(f.read_bytes()))
+        tracemalloc.start()
     for p in paths:
         files = sorted(p.iterdir()) if p.is_dir() else [p]
         for f in files:
-            runner(*feed(f.read_bytes()))
+            data = f.read_bytes()
+            if alloc is not None:
+                tracemalloc.reset_peak()
+                before = tracemalloc.get_traced_memory()[0]
+            runner(*feed(data))
+            if alloc is not None:
+                peak = tracemalloc.get_traced_memory()[1] - before
+                if peak > alloc.get("peak_bytes", -1):
+                    alloc.update(peak_bytes=peak, input=f.name, input_bytes=len(data))
             n += 1
     return n
 
@@ -302,6 +322,10 @@ def fuzz_target(target: str, seconds: int, workdir: Path, coverage: bool) -> dic
                  corpus_files=len(list(corpus.iterdir())))
     if coverage:
         stats["coverage"] = _coverage(target, corpus, workdir)
+    out = subprocess.run([sys.executable, str(Path(__file__)), "--replay-target", target,
+                          "--alloc", str(corpus)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=3600, check=True).stdout
+    stats["largest_allocation"] = json.loads(out.splitlines()[-1])
     return stats
 
 
@@ -321,7 +345,12 @@ def main(argv=None) -> int:
         _fuzz_child(args.fuzz_child, rest)
         return 0
     if args.replay_target:
-        print(f"replayed {_replay([Path(p) for p in rest], args.replay_target)} inputs")
+        alloc = {} if "--alloc" in rest else None
+        paths = [Path(p) for p in rest if p != "--alloc"]
+        n = _replay(paths, args.replay_target, alloc)
+        print(f"replayed {n} inputs")
+        if alloc is not None:
+            print(json.dumps(dict(alloc, inputs=n)))
         return 0
     targets = TARGETS if args.target == "all" else (args.target,)
     if args.replay:
@@ -356,6 +385,10 @@ def main(argv=None) -> int:
               f"| {cov.get('coding_pct', '-')}% ({'/'.join(map(str, cov.get('coding_lines', [])))}) "
               f"| {cov.get('kernels_cpu_pct', '-')}% ({'/'.join(map(str, cov.get('kernels_cpu_lines', [])))}) "
               f"| {load[0]:.1f} -> {s['load_at_end'][0]:.1f} |")
+    for t, s in results["targets"].items():
+        a = s["largest_allocation"]
+        print(f"{t}: largest traced allocation for one input {a['peak_bytes'] / 2**20:.2f} MiB "
+              f"({a['input']}, {a['input_bytes']} bytes; {a['inputs']} corpus inputs replayed)")
     print(f"wrote {RESULTS / 'fuzz.json'}")
     return 1 if bad else 0
 
