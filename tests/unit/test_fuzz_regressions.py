@@ -100,10 +100,11 @@ def test_receive_path_mutations_raise_only_payload_error(coding):
 
 
 def test_elias_decode_memory_is_bounded_by_its_chunk():
-    """Found by bench/fuzz.py's allocation replay: decoding an ``elias`` segment of 4096 dense
-    coordinates held ~1.4 MB (seed-009), and 65536 coordinates ~29 MiB, 460 bytes per
-    coordinate against the module's "about 5 bytes per coordinate": the omega decoder's pass
-    over 2**19 stream bits kept ~60 bytes per bit. Passes of 2**16 bits keep it to a few MiB."""
+    """Found by bench/fuzz.py's allocation replay: the largest allocation of any input was an
+    ``elias`` seed's (1.4 MB for 4096 coordinates, ~360 bytes each, against format's "about 5
+    bytes per coordinate"): the omega decoder keeps ~60 bytes per stream bit of one vectorised
+    pass, and a pass covered up to 2**19 bits, so 65536 coordinates peaked at ~29 MiB. Passes of
+    2**16 bits cap that working set at a few MiB."""
     import tracemalloc
 
     from qoda_hvd.coding import Segment, decode, encode_bytes
