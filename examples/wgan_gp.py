@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inception-weights", default=None,
                    help=f"torch-fidelity Inception weights file (default: torch.hub's "
                         f"checkpoints/{INCEPTION_WEIGHTS}); never downloaded")
-    common.add_common_arguments(parser, steps=1000, batch=64,
+    common.add_common_arguments(parser, steps=2000, batch=64,
                                 optimizers=["qoda", "optimistic-adam", "extragradient"],
                                 default_optimizer="qoda", log_every=50, save_every=1000)
     return parser
