@@ -195,7 +195,11 @@ def _call_builder(fn: Callable, ch: int, latent: int) -> nn.Module:
     params = inspect.signature(fn).parameters
     kwargs = {}
     for name in params:
-        if name in ("ch", "channels", "width", "filters", "base_channels", "dim", "nf"):
+        if name == "channels" and "filters" in params:
+            kwargs[name] = 3  # image channels: the bench's batches are CIFAR-shaped
+        elif name == "side":
+            kwargs[name] = 32
+        elif name in ("ch", "channels", "width", "filters", "base_channels", "dim", "nf"):
             kwargs[name] = ch
         elif name in ("latent", "latent_dim", "z_dim", "nz", "noise_dim"):
             kwargs[name] = latent
