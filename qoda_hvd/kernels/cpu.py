@@ -395,8 +395,23 @@ def _dequantize_kernel(packed, norms, n, bucket, width, values, vmax, ranges, ou
 # One thread (the default under a launcher): the same kernels compiled without the threading
 # layer, which costs a pool hand-off per call and, when numba falls back to its "workqueue"
 # layer (no OpenMP/TBB runtime), may not be entered from two threads at once.
-_quantize_pack_serial = njit(cache=True, nogil=True)(_quantize_pack_kernel.py_func)
-_dequantize_serial = njit(cache=True, nogil=True)(_dequantize_kernel.py_func)
+def _twin(fn, name: str):
+    """``fn`` under another name: numba's on-disk cache is keyed by the function's qualified
+    name and line, so a serial twin compiled from the parallel kernel's own function would share
+    its cache file and load whichever variant was cached first."""
+    import types as pytypes
+
+    code = fn.__code__.replace(co_name=name, co_qualname=name) if hasattr(
+        fn.__code__, "co_qualname") else fn.__code__.replace(co_name=name)
+    twin = pytypes.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = name
+    return twin
+
+
+_quantize_pack_serial = njit(cache=True, nogil=True)(
+    _twin(_quantize_pack_kernel.py_func, "_quantize_pack_serial"))
+_dequantize_serial = njit(cache=True, nogil=True)(
+    _twin(_dequantize_kernel.py_func, "_dequantize_serial"))
 _PARALLEL_LOCK = threading.Lock()
 
 

@@ -197,3 +197,15 @@ def test_invalid_values_gathered_over_a_round_and_checked_once():
                                            r"packed value\(s\) outside the alphabet of 7$"):
         iv.check()
     iv.check()  # started over empty after raising
+
+
+def test_serial_twins_have_cache_files_of_their_own():
+    # numba's on-disk cache is keyed by qualified name and line: twins compiled from the
+    # parallel kernels' own functions shared one cache file, so a process could load the
+    # parallel variant for threads=1 (or the serial one for threads=2), whichever was cached first
+    from qoda_hvd.kernels import cpu
+
+    for serial, parallel in [(cpu._quantize_pack_serial, cpu._quantize_pack_kernel),
+                             (cpu._dequantize_serial, cpu._dequantize_kernel)]:
+        assert serial.py_func.__qualname__ != parallel.py_func.__qualname__
+        assert serial._cache._cache_file._index_name != parallel._cache._cache_file._index_name
