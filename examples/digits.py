@@ -58,7 +58,7 @@ _SPLIT_SEED = 20260
 #: Bumped when the cache file's layout changes.
 _CACHE_FORMAT = 1
 _EXTRA_HINT = ("scikit-learn is needed for the digits data (it ships them inside its wheel): "
-               "install the optional extra of the examples and benchmarks (`make setup` "
+               "install the examples extra (`pip install qoda_hvd[examples]`; `make setup` "
                "installs it) or `pip install scikit-learn`")
 
 

@@ -25,7 +25,7 @@ needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None,
                                   reason="mpirun is not on PATH (Open MPI: `make setup` installs it)")
 needs_sklearn = pytest.mark.skipif(
     importlib.util.find_spec("sklearn") is None,
-    reason="scikit-learn is not installed (the optional extra of the examples and benchmarks; "
+    reason="scikit-learn is not installed (the `examples` extra; "
            "`make setup` installs it): quality_gan.py trains on its bundled digits")
 
 

@@ -24,7 +24,7 @@ digits = _load("digits")
 
 needs_sklearn = pytest.mark.skipif(
     importlib.util.find_spec("sklearn") is None,
-    reason="scikit-learn is not installed (the optional extra of the examples and benchmarks; "
+    reason="scikit-learn is not installed (the `examples` extra; "
            "`make setup` installs it): the digits ship inside its wheel")
 
 #: A quick recipe for the cache tests (seconds); the default recipe is the one benches use.
