@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import qoda_hvd
+from fake_ranks import run_group
 from qoda_hvd.comm import LocalGroup
 from qoda_hvd.optim import QODA
 
@@ -37,24 +38,6 @@ def train(rank, comm, steps=4, **kwargs):
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return model, opt
-
-
-def run_group(group, fn):
-    out = [None] * len(group)
-
-    def work(r):
-        try:
-            torch.set_num_threads(1)
-            out[r] = fn(r, group[r])
-        except BaseException as e:  # each rank's outcome is checked
-            out[r] = e
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(group))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
 
 
 @pytest.mark.parametrize("L, M", [(2, 2), (2, 3), (3, 2), (4, 2)])

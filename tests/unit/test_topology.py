@@ -8,28 +8,7 @@ from qoda_hvd.comm import LocalGroup
 from qoda_hvd.comm.topology import (SubsetCommunicator, Topology, detect_topology,
                                     node_communicators, nodes_from_ranks_per_node,
                                     parse_node_list, resolve_topology, validate_node_of)
-from fake_ranks import run_ranks
-
-
-def run_group(group, fn):
-    """Like run_ranks, over a given LocalGroup; each rank's result or its exception."""
-    import threading
-
-    out = [None] * len(group)
-
-    def work(r):
-        try:
-            torch.set_num_threads(1)
-            out[r] = fn(r, group[r])
-        except BaseException as e:  # every rank's outcome is checked
-            out[r] = e
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(group))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
+from fake_ranks import run_group, run_ranks
 
 
 def test_topology_properties():
